@@ -1,0 +1,242 @@
+"""Batch normalization with separate statistics for every time step (Cooijmans et al. 2017, §3-4).
+
+One :class:`SequenceBatchNorm` is one "BN site" of the recurrent network (the input term W_x x_t, the recurrent term
+W_h h_{t-1}, or the cell c_t). Its scale γ (and shift β, where the site has one) is shared over time; its statistics
+are not: training normalizes step t with the current minibatch's mean and *biased* variance at step t, and evaluation
+uses population statistics kept per step in one ``(max_steps, C)`` tensor per statistic. Steps ``t >= max_steps`` reuse
+the statistics of step ``max_steps - 1`` (SPEC §1 "Population statistics"), which is what lets a model trained on
+length-T sequences run on longer ones.
+
+Padding: an optional boolean mask (True = real position) excludes padded positions from every mean and variance.
+Rule for a step where fewer than two sequences are real (only possible with a mask): the batch variance is undefined
+(or zero), so that step is normalized with the population statistics of that step, and it does not update them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EvalStatistics = Literal["population", "batch"]
+
+
+class SequenceBatchNorm(nn.Module):
+    r"""Per-time-step batch normalization of a ``(B, C)`` step or a whole ``(T, B, C)`` sequence.
+
+    .. math:: \mathrm{BN}_t(x; \gamma, \beta) = \beta + \gamma \odot (x - \mu_t) / \sqrt{\sigma_t^2 + \epsilon}
+
+    Args:
+        num_features: C, the size of the normalized axis.
+        max_steps: T_max, how many steps keep their own population statistics (the longest training sequence).
+        eps: ε added to the variance.
+        momentum: rate of the running average of the per-step batch statistics kept during training
+            (``running = (1 - momentum) * running + momentum * batch``). ``None`` keeps the plain cumulative average
+            of every batch seen since the last :meth:`reset_running_stats` -- the paper's estimation protocol.
+        affine: learn the scale γ (initialized to ``gamma_init``).
+        bias: learn the shift β (initialized to 0). The BN-LSTM's input and recurrent terms have none: the LSTM
+            bias does that job, and an unused parameter would break DDP.
+        gamma_init: initial γ; 0.1 in the paper (1.0 makes gradients vanish through time, ≤ 0.01 is unstable).
+
+    Buffers (saved in checkpoints):
+        ``running_mean``, ``running_var``: (max_steps, C) population mean and biased variance per step.
+        ``num_batches_tracked``: (max_steps,) how many batches contributed to each step's statistics.
+
+    Attributes:
+        eval_statistics: ``"population"`` (default) or ``"batch"``: which statistics evaluation mode uses. Set it for
+            a whole model with :func:`set_eval_statistics`.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        max_steps: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        bias: bool = True,
+        gamma_init: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"SequenceBatchNorm: num_features must be positive, got {num_features}")
+        if max_steps <= 0:
+            raise ValueError(f"SequenceBatchNorm: max_steps must be positive, got {max_steps}")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"SequenceBatchNorm: momentum must be in (0, 1] or None, got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"SequenceBatchNorm: eps must be positive, got {eps}")
+        self.num_features = num_features
+        self.max_steps = max_steps
+        self.eps = eps
+        self.momentum = momentum
+        self.gamma_init = gamma_init
+        self.eval_statistics: EvalStatistics = "population"
+        self.weight = nn.Parameter(torch.empty(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_features)) if bias else None
+        self.register_buffer("running_mean", torch.zeros(max_steps, num_features))
+        self.register_buffer("running_var", torch.ones(max_steps, num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(max_steps, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Population statistics back to mean 0, variance 1, no batch tracked."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.constant_(self.weight, self.gamma_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.weight is not None}, bias={self.bias is not None}, gamma_init={self.gamma_init}"
+        )
+
+    def forward(self, x: Tensor, t: int = 0, mask: Tensor | None = None) -> Tensor:
+        """Normalize one step or a whole sequence.
+
+        Args:
+            x: ``(B, C)`` -- the input at time step ``t`` -- or ``(T, B, C)`` -- steps ``t … t+T-1`` at once, each with
+                its own statistics (one vectorized reduction over the batch axis).
+            t: the (first) time index.
+            mask: optional bool, ``(B,)`` for a step or ``(T, B)`` for a sequence; True marks real positions.
+
+        Returns:
+            a tensor shaped like ``x``.
+        """
+        if x.dim() == 2:
+            return self._normalize(x.unsqueeze(0), t, None if mask is None else mask.unsqueeze(0)).squeeze(0)
+        if x.dim() == 3:
+            return self._normalize(x, t, mask)
+        raise ValueError(f"SequenceBatchNorm expects a (B, C) step or a (T, B, C) sequence, got shape {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _normalize(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:  # x: (T, B, C), mask: (T, B)
+        T, B, C = x.shape
+        if C != self.num_features:
+            raise ValueError(f"SequenceBatchNorm: expected {self.num_features} features, got {C}")
+        use_batch = self.training or self.eval_statistics == "batch"
+        if not use_batch:
+            mean, var = self._population(start, T)
+            if T == 1:  # one fused kernel for the common case, a step of the time loop
+                y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
+                return y.unsqueeze(0)
+            return self._affine((x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
+        if self.training and start + T > self.max_steps:
+            raise ValueError(
+                f"time step {start + T - 1} reached in training, but population statistics are kept for "
+                f"max_steps={self.max_steps} steps; set max_steps to at least the longest training sequence "
+                f"({start + T})"
+            )
+        if B < 2:
+            raise ValueError(
+                f"batch normalization needs at least 2 sequences per batch to compute batch statistics, got a "
+                f"batch of size {B} in {'training' if self.training else 'batch-statistics evaluation'}; use a "
+                f"larger batch (or drop_last=True), or evaluate with population statistics"
+            )
+        if mask is None:
+            y, mean, var = self._batch_norm_unmasked(x)
+            valid = None
+        else:
+            mean, var, valid = _masked_statistics(x, mask)  # (T, C), (T, C), (T,)
+            # steps with < 2 real sequences: fall back to the population statistics (module docstring)
+            pop_mean, pop_var = self._population(start, T)
+            mean = torch.where(valid[:, None], mean, pop_mean)
+            var = torch.where(valid[:, None], var, pop_var)
+            y = self._affine((x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
+        if self.training:
+            self._update_running_stats(start, mean, var, valid)
+        return y
+
+    def _affine(self, y: Tensor) -> Tensor:
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def _batch_norm_unmasked(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-step batch norm of (T, B, C) with one native kernel (forward and backward).
+
+        The batch axis goes first and (step, feature) pairs become the channels, so the kernel's per-channel
+        statistics are exactly the per-step statistics. Statistics are computed in float32 whatever the input dtype.
+        Returns y (T, B, C) and the (detached) batch mean and biased variance, each (T, C).
+        """
+        T, B, C = x.shape
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # bf16/fp16 under autocast: statistics stay in fp32
+        x2 = x[0] if T == 1 else x.transpose(0, 1).reshape(B, T * C)  # (B, T*C)
+        weight = self.weight if self.weight is None or T == 1 else self.weight.repeat(T)
+        bias = self.bias if self.bias is None or T == 1 else self.bias.repeat(T)
+        y, mean, invstd = torch.native_batch_norm(x2, weight, bias, None, None, True, 0.0, self.eps)
+        with torch.no_grad():
+            var = invstd.detach().pow(-2) - self.eps  # the biased batch variance
+        y = y.unsqueeze(0) if T == 1 else y.view(B, T, C).transpose(0, 1)
+        return y, mean.detach().view(T, C), var.view(T, C)
+
+    def _population(self, start: int, T: int) -> tuple[Tensor, Tensor]:
+        """Population statistics for steps start … start+T-1, each step ≥ max_steps reusing step max_steps-1."""
+        if start + T <= self.max_steps:
+            return self.running_mean[start : start + T], self.running_var[start : start + T]
+        idx = torch.arange(start, start + T, device=self.running_mean.device).clamp_(max=self.max_steps - 1)
+        return self.running_mean[idx], self.running_var[idx]
+
+    @torch.no_grad()
+    def _update_running_stats(self, start: int, mean: Tensor, var: Tensor, valid: Tensor | None) -> None:
+        rows = slice(start, start + mean.shape[0])
+        seen = torch.ones_like(self.num_batches_tracked[rows]) if valid is None else valid.long()
+        self.num_batches_tracked[rows] += seen
+        if self.momentum is None:  # plain average over the batches seen since the reset
+            rate = seen / self.num_batches_tracked[rows].clamp(min=1)
+        else:
+            rate = seen * self.momentum
+        rate = rate.to(self.running_mean.dtype)[:, None]  # (T, 1)
+        # (1 - rate) * old + rate * new, not old + rate * (new - old): exact when rate == 1 (first batch after reset)
+        self.running_mean[rows] = self.running_mean[rows] * (1 - rate) + mean.to(self.running_mean.dtype) * rate
+        self.running_var[rows] = self.running_var[rows] * (1 - rate) + var.to(self.running_var.dtype) * rate
+
+    def fill_unseen_steps(self) -> None:
+        """Give steps that no batch reached the statistics of the last step that one did (SPEC §1: reuse T_max-1)."""
+        seen = (self.num_batches_tracked > 0).nonzero()
+        if seen.numel() == 0:
+            return
+        last = int(seen.max())
+        self.running_mean[last + 1 :] = self.running_mean[last]
+        self.running_var[last + 1 :] = self.running_var[last]
+
+
+def _masked_statistics(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step mean and biased variance over the batch axis of ``x`` (T, B, C), padded positions excluded.
+
+    The variance is the masked mean of the squared deviation. Returns (mean (T, C), var (T, C), valid (T,) bool),
+    where valid marks steps with at least 2 real sequences. Statistics are computed in at least float32.
+    """
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the (T, B) = {tuple(x.shape[:2])} input")
+    m = mask.to(xs.dtype)[:, :, None]  # (T, B, 1)
+    count = m.sum(dim=1)  # (T, 1)
+    mean = (xs * m).sum(dim=1) / count.clamp(min=1.0)
+    var = ((xs - mean[:, None]).square() * m).sum(dim=1) / count.clamp(min=1.0)
+    return mean, var, count[:, 0] >= 2
+
+
+def set_eval_statistics(module: nn.Module, mode: EvalStatistics) -> None:
+    """Choose which statistics every :class:`SequenceBatchNorm` in ``module`` uses in evaluation mode."""
+    if mode not in ("population", "batch"):
+        raise ValueError(f"eval statistics must be 'population' or 'batch', got {mode!r}")
+    for m in module.modules():
+        if isinstance(m, SequenceBatchNorm):
+            m.eval_statistics = mode

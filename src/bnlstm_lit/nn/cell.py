@@ -1,0 +1,132 @@
+"""The BN-LSTM cell: one time step of SPEC §1 (Cooijmans et al. 2017, eqs. 6-8).
+
+Gate order along the 4H axis is torch.nn.LSTM's: input i, forget f, candidate g, output o, so weights copy 1:1.
+
+    pre_t = BN_t(W_h h_{t-1}; γ_h) + BN_t(W_x x_t; γ_x) + b        (B, 4H)
+    c_t   = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)
+    h_t   = σ(o) ⊙ tanh(BN_t(c_t; γ_c, β_c))                        (the raw c_t is carried to t+1)
+
+With ``normalize=False`` the three BN sites are absent and the cell is the plain LSTM, exactly
+``torch.nn.LSTM``'s step with ``b = b_ih + b_hh`` (the original code kept β_c as an offset inside tanh; we drop it so
+the baseline is the textbook LSTM and parity with cuDNN/oneDNN is exact).
+
+The cell contract (one for every cell, the layer owns the time loop):
+
+* :meth:`input_term` maps the whole input sequence ``(T, B, I) -> (T, B, 4H)`` (hoisted out of the loop: one matmul,
+  one vectorized per-step BN);
+* :meth:`forward` takes that step's input term, the state and the time index, and returns the new state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
+
+RecurrentInit = Literal["orthogonal", "identity_g"]
+
+
+class BNLSTMCell(nn.Module):
+    """One BN-LSTM step.
+
+    Args:
+        input_size: I, features of x_t.
+        hidden_size: H.
+        max_steps: number of time steps with their own population statistics (longest training sequence).
+        normalize: False gives the plain LSTM baseline (no BN sites, no γ/β).
+        gamma_init: initial γ of every BN site (0.1, SPEC §1).
+        eps: BN ε.
+        momentum: rate of the running average of per-step statistics (0.01 MNIST, 0.05 language modelling in the
+            original code); None keeps the cumulative average.
+        forget_bias: initial value of the forget-gate slice of b (the rest of b starts at 0).
+        recurrent_init: ``"orthogonal"`` (each of the four H×H blocks of W_h orthogonal) or ``"identity_g"``
+            (the candidate block g is the identity, the other three orthogonal: the paper's sequential-MNIST init).
+
+    Parameters:
+        weight_ih (4H, I), weight_hh (4H, H), bias (4H,), and with normalization bn_x.weight (4H,) = γ_x,
+        bn_h.weight (4H,) = γ_h, bn_c.weight / bn_c.bias (H,) = γ_c / β_c.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        max_steps: int,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        forget_bias: float = 1.0,
+        recurrent_init: RecurrentInit = "orthogonal",
+    ) -> None:
+        super().__init__()
+        if input_size <= 0 or hidden_size <= 0:
+            raise ValueError(f"BNLSTMCell: input_size and hidden_size must be positive, got {input_size}, {hidden_size}")
+        if recurrent_init not in ("orthogonal", "identity_g"):
+            raise ValueError(f"BNLSTMCell: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.normalize = normalize
+        self.forget_bias = forget_bias
+        self.recurrent_init = recurrent_init
+        H = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
+        self.bias = nn.Parameter(torch.empty(4 * H))
+        self.bn_x: SequenceBatchNorm | None = None
+        self.bn_h: SequenceBatchNorm | None = None
+        self.bn_c: SequenceBatchNorm | None = None
+        if normalize:
+            # input and recurrent terms: scale only (their shift would duplicate b); the cell: scale and shift
+            self.bn_x = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_h = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_c = SequenceBatchNorm(H, max_steps, eps, momentum, bias=True, gamma_init=gamma_init)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        H = self.hidden_size
+        with torch.no_grad():
+            for k in range(4):  # each gate block orthogonal on its own
+                nn.init.orthogonal_(self.weight_ih[k * H : (k + 1) * H])
+                nn.init.orthogonal_(self.weight_hh[k * H : (k + 1) * H])
+            if self.recurrent_init == "identity_g":
+                self.weight_hh[2 * H : 3 * H].copy_(torch.eye(H))
+            self.bias.zero_()
+            self.bias[H : 2 * H].fill_(self.forget_bias)  # forget-gate slice
+        for bn in (self.bn_x, self.bn_h, self.bn_c):
+            if bn is not None:
+                bn.reset_parameters()
+
+    def input_term(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """BN_t(W_x x_t; γ_x) + b for all steps at once: ``(T, B, I) -> (T, B, 4H)``."""
+        wx = x @ self.weight_ih.t()  # (T, B, 4H): one matmul for the whole sequence
+        if self.bn_x is not None:
+            wx = self.bn_x(wx, 0, mask)  # per-step statistics, one reduction over the batch axis
+        return wx + self.bias
+
+    def forward(
+        self, x_term: Tensor, state: tuple[Tensor, Tensor], t: int, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One step.
+
+        Args:
+            x_term: (B, 4H), row t of :meth:`input_term`.
+            state: (h_{t-1}, c_{t-1}), each (B, H).
+            t: time index (selects the per-step statistics).
+            mask: optional (B,) bool, True where step t is real (statistics only; the layer keeps padded states).
+
+        Returns:
+            (h_t, c_t), each (B, H); c_t is the un-normalized cell.
+        """
+        h, c = state
+        wh = h @ self.weight_hh.t()  # (B, 4H)
+        if self.bn_h is not None:
+            wh = self.bn_h(wh, t, mask)
+        i, f, g, o = (wh + x_term).chunk(4, dim=1)  # eq. 6
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 7
+        c_out = c if self.bn_c is None else self.bn_c(c, t, mask)  # BN(c) on the output path only
+        h = torch.sigmoid(o) * torch.tanh(c_out)  # eq. 8
+        return h, c

@@ -1,0 +1,198 @@
+"""The BN-LSTM layer: owns the time loop and the learned initial state; API of torch.nn.LSTM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bnlstm_lit.nn.cell import BNLSTMCell, RecurrentInit
+
+
+class BNLSTM(nn.Module):
+    """Multi-layer batch-normalized LSTM (Cooijmans et al. 2017), a drop-in for ``torch.nn.LSTM``.
+
+    Per layer, the input term BN_t(W_x x_t) + b is computed for all steps at once (one matmul and one vectorized
+    per-step normalization); the loop over t does only the recurrent matmul, its BN, the gates and BN(c_t).
+
+    Args:
+        input_size: I, features per step of the input.
+        hidden_size: H.
+        num_layers: stacked layers; layer l > 0 reads layer l-1's outputs.
+        batch_first: inputs and outputs are (B, T, ·) instead of (T, B, ·); states stay (L, B, H) as in torch.
+        max_steps: T_max, steps with their own population statistics (the longest training sequence); evaluation on
+            longer sequences reuses the statistics of step T_max-1.
+        normalize: False gives the plain LSTM baseline, numerically ``torch.nn.LSTM`` (b = b_ih + b_hh).
+        gamma_init: initial γ of every BN site (0.1).
+        eps: BN ε (1e-5).
+        momentum: running-average rate of the per-step statistics (None: cumulative average).
+        forget_bias: initial forget-gate slice of b (1.0).
+        recurrent_init: "orthogonal" or "identity_g" (identity on the candidate block of W_h, the paper's MNIST init).
+        h0_noise_std: std of Gaussian noise added to the learned h_0 in training (0.1 for unpermuted sequential
+            MNIST, whose first ~100 constant inputs otherwise give zero batch variance); 0 disables it.
+        dropout: dropout on the outputs of every layer but the last, as torch.nn.LSTM.
+
+    Shapes:
+        input (T, B, I) [or (B, T, I)], optional state (h_0, c_0) each (num_layers, B, H), optional lengths (B,).
+        Returns output (T, B, H) [or (B, T, H)] of the last layer and (h_n, c_n) each (num_layers, B, H). With
+        ``lengths``, padded steps leave the state unchanged and give zero outputs, so h_n/c_n are the states at each
+        sequence's last real step (as with packed sequences), and padding takes no part in any statistic.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = False,
+        max_steps: int = 1000,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        forget_bias: float = 1.0,
+        recurrent_init: RecurrentInit = "orthogonal",
+        h0_noise_std: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"BNLSTM: num_layers must be at least 1, got {num_layers}")
+        if h0_noise_std < 0:
+            raise ValueError(f"BNLSTM: h0_noise_std must be non-negative, got {h0_noise_std}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"BNLSTM: dropout must be in [0, 1), got {dropout}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.batch_first = batch_first
+        self.max_steps = max_steps
+        self.normalize = normalize
+        self.h0_noise_std = h0_noise_std
+        self.dropout = dropout
+        self.cells = nn.ModuleList(
+            BNLSTMCell(
+                input_size if layer == 0 else hidden_size,
+                hidden_size,
+                max_steps,
+                normalize=normalize,
+                gamma_init=gamma_init,
+                eps=eps,
+                momentum=momentum,
+                forget_bias=forget_bias,
+                recurrent_init=recurrent_init,
+            )
+            for layer in range(num_layers)
+        )
+        self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))  # learned initial state
+        self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
+
+    def reset_parameters(self) -> None:
+        for cell in self.cells:
+            cell.reset_parameters()
+        nn.init.zeros_(self.h0)
+        nn.init.zeros_(self.c0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
+            f"max_steps={self.max_steps}, normalize={self.normalize}, h0_noise_std={self.h0_noise_std}, "
+            f"dropout={self.dropout}"
+        )
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The learned (h_0, c_0), expanded to (num_layers, B, H); h_0 gets Gaussian noise in training if set."""
+        h0 = self.h0[:, None].expand(-1, batch_size, -1)
+        c0 = self.c0[:, None].expand(-1, batch_size, -1)
+        if self.training and self.h0_noise_std > 0:
+            h0 = h0 + self.h0_noise_std * torch.randn_like(h0)
+        return h0, c0
+
+    def forward(
+        self,
+        input: Tensor,
+        state: tuple[Tensor, Tensor] | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        x = self._check_input(input)
+        if self.batch_first:
+            x = x.transpose(0, 1)  # (T, B, I)
+        T, B, _ = x.shape
+        mask = None if lengths is None else self._mask(lengths, T, B, x.device)  # (T, B) bool
+        h0, c0 = self.initial_state(B) if state is None else self._check_state(state, B)
+        h_n, c_n = [], []
+        for layer, cell in enumerate(self.cells):
+            if layer > 0 and self.dropout > 0:
+                x = nn.functional.dropout(x, self.dropout, self.training)
+            x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask)
+            h_n.append(h)
+            c_n.append(c)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        return x, (torch.stack(h_n), torch.stack(c_n))
+
+    @staticmethod
+    def _run_layer(
+        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c)."""
+        # (T, B, 4H), hoisted out of the loop. unbind, not x_terms[t]: the backward of T separate index ops would
+        # build T full-size zero gradients (O(T^2) memory traffic), unbind's is one stack.
+        x_terms = cell.input_term(x, mask).unbind(0)
+        h, c = state
+        outputs = []
+        if mask is None:
+            for t, x_t in enumerate(x_terms):
+                h, c = cell(x_t, (h, c), t)
+                outputs.append(h)
+            return torch.stack(outputs), (h, c)
+        keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
+        for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0))):
+            h_new, c_new = cell(x_t, (h, c), t, m_t)
+            h = torch.where(keep_t, h_new, h)
+            c = torch.where(keep_t, c_new, c)
+            outputs.append(h)
+        return torch.stack(outputs) * keep, (h, c)  # zero outputs at padded positions
+
+    # ---- input checks: clear errors that name the problem ------------------------------------------------------
+    def _check_input(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"BNLSTM expects a tensor input, got {type(input).__name__}")
+        layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+        if input.dim() != 3:
+            raise ValueError(
+                f"BNLSTM expects a 3-D input {layout} with I={self.input_size}, got a {input.dim()}-D tensor of "
+                f"shape {tuple(input.shape)}"
+            )
+        if input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"BNLSTM was built with input_size={self.input_size}, but the input {layout} has "
+                f"{input.shape[-1]} features (shape {tuple(input.shape)})"
+            )
+        if 0 in input.shape[:2]:
+            raise ValueError(f"BNLSTM got an empty input of shape {tuple(input.shape)}")
+        if not input.is_floating_point():
+            raise TypeError(f"BNLSTM expects a floating-point input, got {input.dtype}")
+        return input
+
+    def _check_state(self, state: tuple[Tensor, Tensor], batch_size: int) -> tuple[Tensor, Tensor]:
+        expected = (self.num_layers, batch_size, self.hidden_size)
+        h0, c0 = state
+        if tuple(h0.shape) != expected or tuple(c0.shape) != expected:
+            raise ValueError(
+                f"BNLSTM state must be (h_0, c_0) each of shape (num_layers, B, H) = {expected}, got "
+                f"{tuple(h0.shape)} and {tuple(c0.shape)}"
+            )
+        return h0, c0
+
+    @staticmethod
+    def _mask(lengths: Tensor | Sequence[int], T: int, B: int, device: torch.device) -> Tensor:
+        lengths = torch.as_tensor(lengths)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
+        if lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be integers, got {lengths.dtype}")
+        if bool((lengths < 1).any()) or bool((lengths > T).any()):
+            raise ValueError(f"every length must be in [1, T={T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+        return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]  # (T, B)

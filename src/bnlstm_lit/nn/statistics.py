@@ -1,0 +1,78 @@
+"""The paper's population-statistics protocol (Cooijmans et al. 2017, §4; SPEC §1 "Population statistics")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
+
+
+def batchnorm_sites(module: nn.Module) -> list[SequenceBatchNorm]:
+    """Every :class:`SequenceBatchNorm` inside ``module`` (itself included)."""
+    return [m for m in module.modules() if isinstance(m, SequenceBatchNorm)]
+
+
+@torch.no_grad()
+def estimate_population_statistics(
+    module: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
+) -> int:
+    """Set every BN site's population statistics to the plain average of its per-step batch statistics.
+
+    The paper's protocol: after training, reset the statistics, then run the model over (one pass of) the training
+    set and average, for every site and every time step, the batch mean and biased batch variance -- with no
+    gradient and no parameter update. Steps that no batch reached (sequences shorter than ``max_steps``) get the
+    statistics of the last step that one did. Only the BN sites run in training mode during the pass (no dropout,
+    no h_0 noise); every module's mode and every site's momentum are restored afterwards, also on error.
+
+    Args:
+        module: the model (any nn.Module containing SequenceBatchNorm sites).
+        batches: an iterable of inputs; by default each is passed as ``module(batch)``.
+        forward: optional ``forward(module, batch)`` to call the model on a batch of another form, e.g. a
+            ``(inputs, targets)`` tuple from a DataLoader.
+        max_batches: stop after this many batches (None: the whole iterable).
+
+    Returns:
+        the number of batches used.
+
+    Raises:
+        ValueError: if ``module`` has no SequenceBatchNorm, or ``batches`` is empty.
+    """
+    sites = batchnorm_sites(module)
+    if not sites:
+        raise ValueError(f"{type(module).__name__} has no SequenceBatchNorm to estimate statistics for")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be positive or None, got {max_batches}")
+    modes = {m: m.training for m in module.modules()}
+    momenta = {site: site.momentum for site in sites}
+    used = 0
+    try:
+        module.eval()
+        for site in sites:
+            site.reset_running_stats()
+            site.momentum = None  # cumulative (plain) average
+            site.train()
+        for batch in batches:
+            if max_batches is not None and used >= max_batches:
+                break
+            if forward is None:
+                module(batch)
+            else:
+                forward(module, batch)
+            used += 1
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for site, momentum in momenta.items():
+            site.momentum = momentum
+    if used == 0:
+        raise ValueError("estimate_population_statistics got no batches: the iterable was empty")
+    for site in sites:
+        site.fill_unseen_steps()
+    return used
