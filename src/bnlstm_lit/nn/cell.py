@@ -64,7 +64,9 @@ class BNLSTMCell(nn.Module):
     ) -> None:
         super().__init__()
         if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(f"BNLSTMCell: input_size and hidden_size must be positive, got {input_size}, {hidden_size}")
+            raise ValueError(
+                f"BNLSTMCell: input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
+            )
         if recurrent_init not in ("orthogonal", "identity_g"):
             raise ValueError(f"BNLSTMCell: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
         self.input_size = input_size

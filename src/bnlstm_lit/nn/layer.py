@@ -148,7 +148,7 @@ class BNLSTM(nn.Module):
                 outputs.append(h)
             return torch.stack(outputs), (h, c)
         keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
-        for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0))):
+        for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True)):
             h_new, c_new = cell(x_t, (h, c), t, m_t)
             h = torch.where(keep_t, h_new, h)
             c = torch.where(keep_t, c_new, c)
@@ -194,5 +194,6 @@ class BNLSTM(nn.Module):
         if lengths.is_floating_point() or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be integers, got {lengths.dtype}")
         if bool((lengths < 1).any()) or bool((lengths > T).any()):
-            raise ValueError(f"every length must be in [1, T={T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+            lo, hi = int(lengths.min()), int(lengths.max())
+            raise ValueError(f"every length must be in [1, T={T}], got lengths from {lo} to {hi}")
         return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]  # (T, B)
