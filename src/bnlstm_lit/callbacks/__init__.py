@@ -1,0 +1,5 @@
+"""Lightning callbacks of bnlstm_lit."""
+
+from bnlstm_lit.callbacks.population import PopulationStatistics
+
+__all__ = ["PopulationStatistics"]

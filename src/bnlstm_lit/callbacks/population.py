@@ -1,0 +1,93 @@
+"""The paper's test protocol as a callback: population statistics estimated over the training set before evaluating."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
+
+
+class PopulationStatistics(Callback):
+    """Before validation / test / predict, set every BN site's population statistics to the plain average of the
+    per-step batch statistics over one pass of the training set (Cooijmans et al. 2017, §4), with no gradient and no
+    parameter update (:func:`~bnlstm_lit.nn.estimate_population_statistics`).
+
+    Without this callback, evaluation uses the running averages kept during training (the paper uses those only
+    for monitoring). The LightningModule may define ``statistics_forward(batch)`` to say how a training batch runs
+    through the network; by default ``batch[0]`` is passed to the module.
+
+    Args:
+        before_validation: estimate before every validation run (the sanity check excluded). Costs a pass over the
+            training set each time; by default validation during training monitors with the running averages.
+        before_test: estimate before test (the published numbers use this).
+        before_predict: estimate before predict.
+        max_batches: use only this many training batches. None: one training epoch as the trainer defines it -- the
+            whole training set (the paper), or ``trainer.limit_train_batches`` where that limits it.
+    """
+
+    def __init__(
+        self,
+        before_validation: bool = False,
+        before_test: bool = True,
+        before_predict: bool = True,
+        max_batches: int | None = None,
+    ) -> None:
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"PopulationStatistics: max_batches must be positive or null, got {max_batches}")
+        self.before_validation = before_validation
+        self.before_test = before_test
+        self.before_predict = before_predict
+        self.max_batches = max_batches
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.before_validation and not trainer.sanity_checking:
+            self.estimate(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.before_test:
+            self.estimate(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.before_predict:
+            self.estimate(trainer, pl_module)
+
+    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        """Run the estimation now; returns the number of training batches used."""
+        if not batchnorm_sites(pl_module):
+            return 0  # the LSTM baseline has nothing to estimate
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError(
+                "PopulationStatistics needs the training data: run with a LightningDataModule (the CLI's data:) "
+                "so that its train_dataloader() can be read"
+            )
+        datamodule.setup("fit")  # our DataModules' setup is idempotent; test/predict runs may not have loaded train
+        loader = datamodule.train_dataloader()
+        statistics_forward = getattr(pl_module, "statistics_forward", None)
+
+        def forward(module: Any, batch: Any) -> None:
+            batch = trainer.strategy.batch_to_device(batch)  # runs the transfer hooks like the training loop does
+            if statistics_forward is not None:
+                statistics_forward(batch)
+            else:
+                module(batch[0])
+
+        max_batches = self.max_batches
+        if max_batches is None:
+            limit = trainer.limit_train_batches
+            if isinstance(limit, int):
+                max_batches = limit
+            elif limit is not None and limit < 1.0:
+                max_batches = max(1, int(limit * len(loader)))
+        start = time.perf_counter()
+        used = estimate_population_statistics(pl_module, loader, forward=forward, max_batches=max_batches)
+        rank_zero_info(
+            f"[bnlstm_lit] population statistics estimated over {used} training batches "
+            f"in {time.perf_counter() - start:.1f}s"
+        )
+        return used

@@ -1,0 +1,41 @@
+"""The command line: ``bnlstm-lit {fit,validate,test,predict} --config configs/....yaml`` (LightningCLI).
+
+The task (``model:``) and the data (``data:``) are chosen by ``class_path`` -- ours or any importable subclass of
+LightningModule / LightningDataModule -- so a new task or corpus needs no edit of this package. The sizes only the
+data knows (``input_size``, ``output_size``, ``max_steps``) are linked into the task's arguments when the DataModule
+is instantiated; a YAML never repeats them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+#: DataModule properties linked into the task's ``init_args`` of the same name.
+LINKED_SIZES = ("input_size", "output_size", "max_steps")
+
+
+class BNLSTMCLI(LightningCLI):
+    """LightningCLI with subclass mode for model and data, and the data-derived sizes linked into the model."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the optimizer is the task's (model.init_args.optimizer)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in LINKED_SIZES:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> BNLSTMCLI:
+    """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    return BNLSTMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

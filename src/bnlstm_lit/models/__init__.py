@@ -1,0 +1,5 @@
+"""Task networks built from bnlstm_lit.nn (plain nn.Modules returning logits)."""
+
+from bnlstm_lit.models.sequence import LastStateReadout
+
+__all__ = ["LastStateReadout"]

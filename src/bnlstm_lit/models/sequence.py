@@ -1,0 +1,54 @@
+"""Task networks for whole-sequence prediction, built from :mod:`bnlstm_lit.nn`. They return logits, not losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from bnlstm_lit.nn import BNLSTM
+from bnlstm_lit.nn.cell import RecurrentInit
+
+
+class LastStateReadout(nn.Module):
+    """A (BN-)LSTM over the sequence and a linear readout of the last layer's final hidden state.
+
+    The paper's MNIST model: ``logits = W_o h_T + b_o`` (softmax on the last h). With ``lengths``, h_T is the state
+    at each sequence's last real step.
+
+    Shapes: inputs (B, T, input_size) -> (B, output_size).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        max_steps: int,
+        hidden_size: int = 100,
+        num_layers: int = 1,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        momentum: float | None = 0.1,
+        recurrent_init: RecurrentInit = "orthogonal",
+        h0_noise_std: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.rnn = BNLSTM(
+            input_size,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            max_steps=max_steps,
+            normalize=normalize,
+            gamma_init=gamma_init,
+            momentum=momentum,
+            recurrent_init=recurrent_init,
+            h0_noise_std=h0_noise_std,
+            dropout=dropout,
+        )
+        self.readout = nn.Linear(hidden_size, output_size)
+
+    def forward(self, inputs: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        _, (h_n, _) = self.rnn(inputs, lengths=lengths)  # h_n: (num_layers, B, H)
+        return self.readout(h_n[-1])  # (B, output_size)

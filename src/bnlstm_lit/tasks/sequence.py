@@ -1,0 +1,222 @@
+"""Whole-sequence tasks: classification (sequential / permuted MNIST) and regression (the adding problem).
+
+Both read the last hidden state of a (BN-)LSTM (:class:`~bnlstm_lit.models.LastStateReadout`). The shared base,
+:class:`SequenceTask`, owns what every task of this family has in common -- building the network from typed
+arguments (the LightningCLI schema), the injected optimizer / LR scheduler, which statistics evaluation uses, and one
+torchmetrics object per split; subclasses only say what the loss and the metric are.
+
+Batches are ``(inputs, targets)`` or ``(inputs, targets, lengths)`` with inputs (B, T, input_size).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanSquaredError
+
+from bnlstm_lit.models import LastStateReadout
+from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
+from bnlstm_lit.nn.cell import RecurrentInit
+
+EvalStatistics = Literal["population", "batch"]
+
+
+class SequenceTask(L.LightningModule):
+    """Base LightningModule of the sequence tasks.
+
+    Args:
+        input_size: features per step (linked from the DataModule by the CLI).
+        output_size: classes, or regression targets (linked from the DataModule).
+        max_steps: steps with their own BN statistics, the longest training sequence (linked from the DataModule).
+        hidden_size: LSTM units (100 for MNIST in the paper).
+        num_layers: stacked LSTM layers.
+        normalize: True for the BN-LSTM, False for the LSTM baseline (same graph without the BN sites).
+        gamma_init: initial γ of every BN site (0.1).
+        momentum: running-average rate of the per-step statistics used for monitoring (0.01 for MNIST in the
+            original code); None for a cumulative average.
+        recurrent_init: "orthogonal", or "identity_g" (identity on the candidate block: the paper's MNIST init).
+        h0_noise_std: Gaussian noise on the learned h_0 in training (0.1 for unpermuted sequential MNIST).
+        dropout: between stacked layers.
+        optimizer: optimizer factory, injected by the CLI (``model.init_args.optimizer``).
+        lr_scheduler: optional LR-scheduler factory; ReduceLROnPlateau monitors ``monitor``.
+        eval_statistics: "population" (the paper's test protocol) or "batch": the statistics every BN site uses
+            in validation, test and predict. The choice is logged at the start of each evaluation.
+        monitor: the metric an LR scheduler such as ReduceLROnPlateau follows.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        max_steps: int,
+        hidden_size: int = 100,
+        num_layers: int = 1,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        momentum: float | None = 0.1,
+        recurrent_init: RecurrentInit = "orthogonal",
+        h0_noise_std: float = 0.0,
+        dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        eval_statistics: EvalStatistics = "population",
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("output_size", output_size), ("max_steps", max_steps)):
+            if value <= 0:
+                raise ValueError(f"model.init_args.{name} must be positive, got {value}")
+        if hidden_size <= 0:
+            raise ValueError(f"model.init_args.hidden_size must be positive, got {hidden_size}")
+        if eval_statistics not in ("population", "batch"):
+            raise ValueError(
+                f"model.init_args.eval_statistics must be 'population' or 'batch', got {eval_statistics!r}"
+            )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.eval_statistics = eval_statistics
+        self.monitor = monitor
+        self.net = LastStateReadout(
+            input_size,
+            output_size,
+            max_steps,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            normalize=normalize,
+            gamma_init=gamma_init,
+            momentum=momentum,
+            recurrent_init=recurrent_init,
+            h0_noise_std=h0_noise_std,
+            dropout=dropout,
+        )
+        # one metric object per split: their states must never mix (train accumulates while val runs).
+        # Attributes, not ModuleDict keys: "train" would shadow nn.Module.train.
+        self.train_metrics = self.make_metrics()
+        self.val_metrics = self.make_metrics()
+        self.test_metrics = self.make_metrics()
+
+    # ---- what a subclass says ------------------------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Scalar training loss of the network's outputs (B, output_size)."""
+
+    @abstractmethod
+    def make_metrics(self) -> MetricCollection:
+        """The metrics of one split, named without the split prefix (e.g. ``acc``)."""
+
+    def metric_inputs(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """What the metrics are updated with (by default the raw outputs and targets)."""
+        return outputs, targets
+
+    # ---- the network ------------------------------------------------------------------------------------------------
+    def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
+        return self.net(inputs, lengths)
+
+    @staticmethod
+    def unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(inputs, targets[, lengths])`` -> inputs, targets, lengths (or None)."""
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+            raise ValueError(
+                "a batch must be a tuple (inputs, targets) or (inputs, targets, lengths), got "
+                f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}"
+            )
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+    def statistics_forward(self, batch: Any) -> None:
+        """How :class:`~bnlstm_lit.callbacks.PopulationStatistics` runs a training batch through the network."""
+        inputs, _, lengths = self.unpack(batch)
+        self(inputs, lengths)
+
+    # ---- steps ------------------------------------------------------------------------------------------------------
+    def _shared_step(self, batch: Any, split: str) -> Tensor:
+        inputs, targets, lengths = self.unpack(batch)
+        outputs = self(inputs, lengths)
+        loss = self.loss(outputs, targets)
+        metrics: MetricCollection = getattr(self, f"{split}_metrics")
+        metrics.update(*self.metric_inputs(outputs.detach(), targets))
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log_dict(
+            {f"{split}/{name}": m for name, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=True
+        )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        inputs, _, lengths = self.unpack(batch)
+        return self(inputs, lengths)
+
+    # ---- evaluation statistics ---------------------------------------------------------------------------------------
+    def _use_eval_statistics(self, stage: str) -> None:
+        set_eval_statistics(self, self.eval_statistics)
+        if batchnorm_sites(self) and not (stage == "validation" and self.trainer.sanity_checking):
+            rank_zero_info(f"[bnlstm_lit] {stage} uses {self.eval_statistics} statistics in every BN site")
+
+    def on_validation_start(self) -> None:
+        self._use_eval_statistics("validation")
+
+    def on_test_start(self) -> None:
+        self._use_eval_statistics("test")
+
+    def on_predict_start(self) -> None:
+        self._use_eval_statistics("predict")
+
+    # ---- optimization -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+
+
+class SequenceClassification(SequenceTask):
+    """Cross-entropy on the last hidden state's logits; accuracy per split (``train/acc``, ``val/acc``, ``test/acc``).
+
+    ``predict`` returns, per batch, a dict with the predicted class (B,) and the class probabilities (B, classes).
+    """
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def make_metrics(self) -> MetricCollection:
+        metrics: dict[str, Metric] = {"acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")}
+        return MetricCollection(metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        probs = super().predict_step(batch, batch_idx).softmax(dim=-1)
+        return {"prediction": probs.argmax(dim=-1), "probabilities": probs}
+
+
+class SequenceRegression(SequenceTask):
+    """Mean squared error on the last hidden state's linear readout; ``{split}/mse`` per split.
+
+    Targets are (B,) for one output or (B, output_size).
+    """
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+
+    def make_metrics(self) -> MetricCollection:
+        return MetricCollection({"mse": MeanSquaredError()})
+
+    def metric_inputs(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return outputs.reshape(-1), targets.reshape(-1).to(outputs.dtype)
