@@ -153,7 +153,7 @@ def test_limits_take_the_first_examples(seq_dm: SequentialMNIST, mnist_dir: Path
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (250, 30, 10_000)  # a limit above the size
     assert torch.equal(dm.train_set.pixels, seq_dm.train_set.pixels[:250])
     assert int(dm.val_set.labels[0]) == raw_idx(TRAIN_LABELS)[8 + 55_000]  # val_size=5000: val starts at 55,000
-    assert (len(dm.train_dataloader()), len(dm.val_dataloader())) == (3, 1)
+    assert (len(dm.train_dataloader()), len(dm.val_dataloader())) == (2, 1)  # training drops the 50-example tail
 
 
 def test_setup_loads_only_what_the_stage_needs(mnist_dir: Path) -> None:
