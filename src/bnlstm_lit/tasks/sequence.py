@@ -198,7 +198,9 @@ class SequenceClassification(SequenceTask):
         return F.cross_entropy(outputs, targets)
 
     def make_metrics(self) -> MetricCollection:
-        metrics: dict[str, Metric] = {"acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")}
+        metrics: dict[str, Metric] = {
+            "acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")
+        }
         return MetricCollection(metrics)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
