@@ -60,7 +60,7 @@ class PopulationStatistics(Callback):
         """Run the estimation now; returns the number of training batches used."""
         if not batchnorm_sites(pl_module):
             return 0  # the LSTM baseline has nothing to estimate
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             raise RuntimeError(
                 "PopulationStatistics needs the training data: run with a LightningDataModule (the CLI's data:) "

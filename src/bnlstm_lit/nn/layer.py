@@ -71,7 +71,7 @@ class BNLSTM(nn.Module):
         self.normalize = normalize
         self.h0_noise_std = h0_noise_std
         self.dropout = dropout
-        self.cells = nn.ModuleList(
+        self.cells: nn.ModuleList = nn.ModuleList(
             BNLSTMCell(
                 input_size if layer == 0 else hidden_size,
                 hidden_size,
@@ -90,7 +90,7 @@ class BNLSTM(nn.Module):
 
     def reset_parameters(self) -> None:
         for cell in self.cells:
-            cell.reset_parameters()
+            cell.reset_parameters()  # type: ignore[operator]
         nn.init.zeros_(self.h0)
         nn.init.zeros_(self.c0)
 
@@ -125,7 +125,7 @@ class BNLSTM(nn.Module):
         for layer, cell in enumerate(self.cells):
             if layer > 0 and self.dropout > 0:
                 x = nn.functional.dropout(x, self.dropout, self.training)
-            x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask)
+            x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask)  # type: ignore[arg-type]
             h_n.append(h)
             c_n.append(c)
         if self.batch_first:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
@@ -198,10 +198,7 @@ class SequenceClassification(SequenceTask):
         return F.cross_entropy(outputs, targets)
 
     def make_metrics(self) -> MetricCollection:
-        metrics: dict[str, Metric] = {
-            "acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")
-        }
-        return MetricCollection(metrics)
+        return MetricCollection({"acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")})
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         probs = super().predict_step(batch, batch_idx).softmax(dim=-1)
