@@ -198,11 +198,12 @@ class SequenceBatchNorm(nn.Module):
         rows = slice(start, start + mean.shape[0])
         seen = torch.ones_like(self.num_batches_tracked[rows]) if valid is None else valid.long()
         self.num_batches_tracked[rows] += seen
+        dtype = self.running_mean.dtype  # the rate in the buffers' precision (float64 modules stay exact)
         if self.momentum is None:  # plain average over the batches seen since the reset
-            rate = seen / self.num_batches_tracked[rows].clamp(min=1)
+            rate = seen.to(dtype) / self.num_batches_tracked[rows].clamp(min=1).to(dtype)
         else:
-            rate = seen * self.momentum
-        rate = rate.to(self.running_mean.dtype)[:, None]  # (T, 1)
+            rate = seen.to(dtype) * self.momentum
+        rate = rate[:, None]  # (T, 1)
         # (1 - rate) * old + rate * new, not old + rate * (new - old): exact when rate == 1 (first batch after reset)
         self.running_mean[rows] = self.running_mean[rows] * (1 - rate) + mean.to(self.running_mean.dtype) * rate
         self.running_var[rows] = self.running_var[rows] * (1 - rate) + var.to(self.running_var.dtype) * rate
@@ -226,10 +227,11 @@ def _masked_statistics(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if mask.shape != x.shape[:2]:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the (T, B) = {tuple(x.shape[:2])} input")
-    m = mask.to(xs.dtype)[:, :, None]  # (T, B, 1)
-    count = m.sum(dim=1)  # (T, 1)
-    mean = (xs * m).sum(dim=1) / count.clamp(min=1.0)
-    var = ((xs - mean[:, None]).square() * m).sum(dim=1) / count.clamp(min=1.0)
+    keep = mask[:, :, None]  # (T, B, 1)
+    count = keep.sum(dim=1).to(xs.dtype)  # (T, 1)
+    # where, not a product with the mask: inf/NaN in padded positions must not leak into the statistics
+    mean = torch.where(keep, xs, 0.0).sum(dim=1) / count.clamp(min=1.0)
+    var = torch.where(keep, (xs - mean[:, None]).square(), 0.0).sum(dim=1) / count.clamp(min=1.0)
     return mean, var, count[:, 0] >= 2
 
 

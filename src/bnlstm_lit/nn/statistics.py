@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,6 +52,7 @@ def estimate_population_statistics(
         raise ValueError(f"max_batches must be positive or None, got {max_batches}")
     modes = {m: m.training for m in module.modules()}
     momenta = {site: site.momentum for site in sites}
+    previous = [{name: buf.clone() for name, buf in site.named_buffers(recurse=False)} for site in sites]
     used = 0
     try:
         module.eval()
@@ -58,21 +60,25 @@ def estimate_population_statistics(
             site.reset_running_stats()
             site.momentum = None  # cumulative (plain) average
             site.train()
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
+        for batch in itertools.islice(batches, max_batches):
             if forward is None:
                 module(batch)
             else:
                 forward(module, batch)
             used += 1
+        if used == 0:
+            raise ValueError("estimate_population_statistics got no batches: the iterable was empty")
+    except BaseException:
+        # a failed estimation must not leave reset or half-estimated statistics behind
+        for site, buffers in zip(sites, previous, strict=True):
+            for name, value in buffers.items():
+                getattr(site, name).copy_(value)
+        raise
     finally:
         for m, training in modes.items():
             m.training = training
         for site, momentum in momenta.items():
             site.momentum = momentum
-    if used == 0:
-        raise ValueError("estimate_population_statistics got no batches: the iterable was empty")
     for site in sites:
         site.fill_unseen_steps()
     return used
