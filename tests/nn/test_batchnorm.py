@@ -469,3 +469,20 @@ def test_bf16_autocast_keeps_float32_statistics():
     torch.testing.assert_close(bn.running_mean[:4], (0.1 * mean).float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(bn.running_var[:4], (0.9 + 0.1 * var).float(), rtol=1e-3, atol=1e-3)
     assert xb.grad is not None and torch.isfinite(xb.grad).all()
+
+
+def test_nan_and_inf_in_padding_do_not_reach_real_positions():
+    torch.manual_seed(0)
+    bn = SequenceBatchNorm(3, 4).double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[2:, 3:] = False  # the last two sequences end after step 1
+    clean = bn(x.masked_fill(~mask[..., None], 0.0), 0, mask)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    bn.reset_running_stats()
+    dirty = x.clone()
+    dirty[2:, 3] = float("nan")
+    dirty[2:, 4] = float("inf")
+    out = bn(dirty, 0, mask)
+    torch.testing.assert_close(out[mask], clean[mask])
+    torch.testing.assert_close((bn.running_mean, bn.running_var), stats)
