@@ -106,9 +106,9 @@ def test_train_sequence_matches_reference_and_updates_running_stats():
     exp = torch.autograd.grad(ref, [x, bn.weight, bn.bias], g)
     for a, b in zip(got, exp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    # running stats: rows 0..3 = 0.9 * init + 0.1 * batch; rows 4, 5 untouched
-    torch.testing.assert_close(bn.running_mean[:4], 0.1 * mean.detach(), **STAT_TOL)
-    torch.testing.assert_close(bn.running_var[:4], 0.9 + 0.1 * var.detach(), **STAT_TOL)
+    # running stats: the first batch after a reset has rate max(0.1, 1/1) = 1: rows 0..3 = batch; rows 4, 5 untouched
+    torch.testing.assert_close(bn.running_mean[:4], mean.detach(), **STAT_TOL)
+    torch.testing.assert_close(bn.running_var[:4], var.detach(), **STAT_TOL)
     assert torch.equal(bn.running_mean[4:], torch.zeros(2, 3, dtype=torch.float64))
     assert torch.equal(bn.running_var[4:], torch.ones(2, 3, dtype=torch.float64))
     assert bn.num_batches_tracked.tolist() == [1, 1, 1, 1, 0, 0]
@@ -244,6 +244,7 @@ def test_momentum_running_average_per_step():
     with torch.no_grad():
         bn.running_mean.copy_(init_m)
         bn.running_var.copy_(init_v)
+        bn.num_batches_tracked.fill_(100)  # past the warm-up (n > 1/momentum): the plain exponential average
     exp_m, exp_v = init_m.clone(), init_v.clone()
     for _ in range(3):
         x = torch.randn(4, 5, 3, dtype=torch.float64) * 2 - 1
@@ -253,7 +254,23 @@ def test_momentum_running_average_per_step():
         exp_v[:4] = 0.7 * exp_v[:4] + 0.3 * v
     torch.testing.assert_close(bn.running_mean, exp_m, **STAT_TOL)
     torch.testing.assert_close(bn.running_var, exp_v, **STAT_TOL)
-    assert bn.num_batches_tracked.tolist() == [3, 3, 3, 3, 0, 0]
+    assert bn.num_batches_tracked.tolist() == [103, 103, 103, 103, 100, 100]
+
+
+def test_momentum_warm_up_starts_as_the_plain_average():
+    # rate max(momentum, 1/n): batches 1..3 at momentum 0.4 get rates 1, 1/2, 0.4 (not 1/3)
+    torch.manual_seed(7)
+    bn = _bn(momentum=0.4)
+    exp_m = torch.zeros(4, 3, dtype=torch.float64)
+    exp_v = torch.ones(4, 3, dtype=torch.float64)
+    for rate in (1.0, 0.5, 0.4):
+        x = torch.randn(4, 5, 3, dtype=torch.float64) * 3 + 1
+        bn(x)
+        m, v = _ref_stats(x)
+        exp_m = (1 - rate) * exp_m + rate * m
+        exp_v = (1 - rate) * exp_v + rate * v
+    torch.testing.assert_close(bn.running_mean[:4], exp_m, **STAT_TOL)
+    torch.testing.assert_close(bn.running_var[:4], exp_v, **STAT_TOL)
 
 
 def test_momentum_none_is_cumulative_average():
@@ -277,6 +294,7 @@ def test_momentum_none_is_cumulative_average():
 
 def test_running_stat_update_is_exact_in_float64():
     bn = SequenceBatchNorm(1, 2, momentum=0.1).double()
+    bn.num_batches_tracked.fill_(100)  # past the warm-up: rate 0.1
     bn(torch.ones(1, 2, 1, dtype=torch.float64))  # batch mean 1 at step 0
     assert bn.running_mean[0].item() == pytest.approx(0.1, rel=1e-14)
     cum = SequenceBatchNorm(1, 2, momentum=None).double()
@@ -397,9 +415,9 @@ def test_masked_statistics_ignore_padding():
     ref = _ref_norm(x, mean[:, None], var[:, None], a.weight, a.bias)
     for y in (ya, yb, yc):
         torch.testing.assert_close(y[mask], ref[mask], rtol=1e-10, atol=1e-10)
-    for bn in (a, b, c):
-        torch.testing.assert_close(bn.running_mean[:5], 0.1 * mean, **STAT_TOL)
-        torch.testing.assert_close(bn.running_var[:5], 0.9 + 0.1 * var, **STAT_TOL)
+    for bn in (a, b, c):  # first batch after a reset: rate 1
+        torch.testing.assert_close(bn.running_mean[:5], mean, **STAT_TOL)
+        torch.testing.assert_close(bn.running_var[:5], var, **STAT_TOL)
     # and zero padding without a mask would have biased them (the test is sensitive)
     d = _bn()
     d(x_zero)
@@ -420,6 +438,7 @@ def test_step_with_fewer_than_two_real_uses_population_and_does_not_update():
     with torch.no_grad():
         bn.running_mean.copy_(rm)
         bn.running_var.copy_(rv)
+        bn.num_batches_tracked.fill_(10)  # past the warm-up: rate 0.5
     lengths = torch.tensor([4, 2, 1])
     mask = torch.arange(4)[:, None] < lengths[None]  # steps 0,1: >= 2 real; steps 2,3: one real
     x = torch.randn(4, 3, 3, dtype=torch.float64) * 2
@@ -430,7 +449,7 @@ def test_step_with_fewer_than_two_real_uses_population_and_does_not_update():
     ref_pop = _ref_norm(x[2:], rm[2:4, None], rv[2:4, None], bn.weight, bn.bias)
     torch.testing.assert_close(y[:2][mask[:2]], ref_batch[mask[:2]], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y[2:, 0], ref_pop[:, 0], rtol=1e-12, atol=1e-12)
-    assert bn.num_batches_tracked.tolist() == [1, 1, 0, 0, 0, 0]
+    assert bn.num_batches_tracked.tolist() == [11, 11, 10, 10, 10, 10]
     assert torch.equal(bn.running_mean[2:], rm[2:]) and torch.equal(bn.running_var[2:], rv[2:])
     torch.testing.assert_close(bn.running_mean[:2], 0.5 * rm[:2] + 0.5 * mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(bn.running_var[:2], 0.5 * rv[:2] + 0.5 * var, rtol=1e-12, atol=1e-12)
@@ -466,8 +485,8 @@ def test_bf16_autocast_keeps_float32_statistics():
     assert bn.running_mean.dtype == torch.float32 and bn.running_var.dtype == torch.float32
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
     mean, var = _ref_stats(xb.detach().double())
-    torch.testing.assert_close(bn.running_mean[:4], (0.1 * mean).float(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bn.running_var[:4], (0.9 + 0.1 * var).float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bn.running_mean[:4], mean.float(), rtol=1e-4, atol=1e-4)  # first batch: rate 1
+    torch.testing.assert_close(bn.running_var[:4], var.float(), rtol=1e-3, atol=1e-3)
     assert xb.grad is not None and torch.isfinite(xb.grad).all()
 
 

@@ -261,17 +261,19 @@ def test_bnlstm_train_matches_spec_transcription(num_layers):
     model = _bn_model(num_layers)
     x = torch.randn(6, 5, 3, dtype=torch.float64) * 1.5 + 0.5
     ref_model, stats = _compare_with_reference(model, x, "train")
-    # running statistics: (1 - 0.1) * initial + 0.1 * the per-step batch statistics of every site
+    # running statistics: (1 - r) * initial + r * the per-step batch statistics of every site, with
+    # r = max(momentum, 1/n) = 1 for the first batch after a reset
     for layer in range(num_layers):
         for site in ("x", "h", "c"):
             bn, bn0 = getattr(model.cells[layer], f"bn_{site}"), getattr(ref_model.cells[layer], f"bn_{site}")
             for t in range(6):
                 mu, var = stats[(layer, site, t)]
+                r = max(0.1, 1.0 / int(bn.num_batches_tracked[t]))
                 torch.testing.assert_close(
-                    bn.running_mean[t], 0.9 * bn0.running_mean[t] + 0.1 * mu, rtol=1e-6, atol=1e-9
+                    bn.running_mean[t], (1 - r) * bn0.running_mean[t] + r * mu, rtol=1e-12, atol=1e-12
                 )
                 torch.testing.assert_close(
-                    bn.running_var[t], 0.9 * bn0.running_var[t] + 0.1 * var, rtol=1e-6, atol=1e-9
+                    bn.running_var[t], (1 - r) * bn0.running_var[t] + r * var, rtol=1e-12, atol=1e-12
                 )
             assert torch.equal(bn.running_mean[6:], bn0.running_mean[6:])
             assert bn.num_batches_tracked.tolist() == [1] * 6 + [0] * 2

@@ -218,8 +218,10 @@ def test_running_average_after_estimation_uses_restored_momentum():
     x2 = torch.randn(4, 3, 3, dtype=torch.float64) * 2 + 1
     model(x2)
     batch = _batch_statistics(model, x2)
-    exp = torch.stack([0.9 * before[t] + 0.1 * batch[(0, "x", t)][0] for t in range(4)])
-    torch.testing.assert_close(_site(model, 0, "x").running_mean[:4], exp, rtol=1e-6, atol=1e-9)
+    # one estimation batch, then this one: n = 2, rate max(0.1, 1/2) = 0.5 (the plain average of the two)
+    assert _site(model, 0, "x").num_batches_tracked[:4].tolist() == [2] * 4
+    exp = torch.stack([0.5 * before[t] + 0.5 * batch[(0, "x", t)][0] for t in range(4)])
+    torch.testing.assert_close(_site(model, 0, "x").running_mean[:4], exp, rtol=1e-12, atol=1e-12)
 
 
 def test_unreached_steps_get_last_reached_statistics():

@@ -32,9 +32,13 @@ class SequenceBatchNorm(nn.Module):
         num_features: C, the size of the normalized axis.
         max_steps: T_max, how many steps keep their own population statistics (the longest training sequence).
         eps: ε added to the variance.
-        momentum: rate of the running average of the per-step batch statistics kept during training
-            (``running = (1 - momentum) * running + momentum * batch``). ``None`` keeps the plain cumulative average
-            of every batch seen since the last :meth:`reset_running_stats` -- the paper's estimation protocol.
+        momentum: rate of the running average of the per-step batch statistics kept during training:
+            ``running = (1 - r) * running + r * batch`` with ``r = max(momentum, 1/n)``, n the number of batches
+            that reached the step since the last :meth:`reset_running_stats`. So the average starts as the plain
+            average of the batches seen (no bias toward the initial mean 0 / variance 1, which at rate 0.01 would
+            still weigh 13% after 200 steps and make early validation meaningless) and becomes the usual
+            exponential average once n > 1/momentum. ``None`` keeps the plain average for ever -- the paper's
+            estimation protocol.
         affine: learn the scale γ (initialized to ``gamma_init``).
         bias: learn the shift β (initialized to 0). The BN-LSTM's input and recurrent terms have none: the LSTM
             bias does that job, and an unused parameter would break DDP.
@@ -182,7 +186,7 @@ class SequenceBatchNorm(nn.Module):
         bias = self.bias if self.bias is None or T == 1 else self.bias.repeat(T)
         y, mean, invstd = torch.native_batch_norm(x2, weight, bias, None, None, True, 0.0, self.eps)
         with torch.no_grad():
-            var = invstd.detach().pow(-2) - self.eps  # the biased batch variance
+            var = (invstd.detach().pow(-2) - self.eps).clamp_(min=0.0)  # the biased batch variance
         y = y.unsqueeze(0) if T == 1 else y.view(B, T, C).transpose(0, 1)
         return y, mean.detach().view(T, C), var.view(T, C)
 
@@ -199,10 +203,11 @@ class SequenceBatchNorm(nn.Module):
         seen = torch.ones_like(self.num_batches_tracked[rows]) if valid is None else valid.long()
         self.num_batches_tracked[rows] += seen
         dtype = self.running_mean.dtype  # the rate in the buffers' precision (float64 modules stay exact)
+        inverse_count = 1.0 / self.num_batches_tracked[rows].clamp(min=1).to(dtype)  # 1/n, n counting this batch
         if self.momentum is None:  # plain average over the batches seen since the reset
-            rate = seen.to(dtype) / self.num_batches_tracked[rows].clamp(min=1).to(dtype)
-        else:
-            rate = seen.to(dtype) * self.momentum
+            rate = seen.to(dtype) * inverse_count
+        else:  # max(momentum, 1/n): the plain average until n = 1/momentum, the exponential average after
+            rate = seen.to(dtype) * inverse_count.clamp(min=self.momentum)
         rate = rate[:, None]  # (T, 1)
         # (1 - rate) * old + rate * new, not old + rate * (new - old): exact when rate == 1 (first batch after reset)
         self.running_mean[rows] = self.running_mean[rows] * (1 - rate) + mean.to(self.running_mean.dtype) * rate
