@@ -26,8 +26,8 @@ class PopulationStatistics(Callback):
             training set each time; by default validation during training monitors with the running averages.
         before_test: estimate before test (the published numbers use this).
         before_predict: estimate before predict.
-        max_batches: use only this many training batches. None: one training epoch as the trainer defines it -- the
-            whole training set (the paper), or ``trainer.limit_train_batches`` where that limits it.
+        max_batches: use at most this many training batches. None: one training epoch -- the whole training set
+            (the paper). ``trainer.limit_train_batches`` bounds the pass in either case.
     """
 
     def __init__(
@@ -78,12 +78,18 @@ class PopulationStatistics(Callback):
                 module(batch[0])
 
         max_batches = self.max_batches
-        if max_batches is None:
-            limit = trainer.limit_train_batches
-            if isinstance(limit, int):
-                max_batches = limit
-            elif limit is not None and limit < 1.0:
-                max_batches = max(1, int(limit * len(loader)))
+        limit = trainer.limit_train_batches  # an epoch as the trainer defines it also bounds the pass
+        if isinstance(limit, int):
+            max_batches = limit if max_batches is None else min(max_batches, limit)
+        elif limit is not None and limit < 1.0:
+            limited = int(limit * len(loader))
+            max_batches = limited if max_batches is None else min(max_batches, limited)
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(
+                f"PopulationStatistics would estimate over {max_batches} training batches: "
+                f"trainer.limit_train_batches={limit} leaves none. Raise trainer.limit_train_batches, or drop the "
+                "PopulationStatistics callback to evaluate with the running averages"
+            )
         start = time.perf_counter()
         used = estimate_population_statistics(pl_module, loader, forward=forward, max_batches=max_batches)
         rank_zero_info(

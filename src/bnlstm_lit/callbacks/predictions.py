@@ -37,8 +37,11 @@ class PredictionWriter(BasePredictionWriter):
         name = "predictions.pt" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.pt"
         path = folder / name
         tmp = path.with_name(f".{name}.part")
-        torch.save(_concatenate(predictions), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(_concatenate(predictions), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left if saving failed
         self.last_path = path
         rank_zero_info(f"[bnlstm_lit] predictions written to {path}")
 

@@ -154,13 +154,13 @@ class SequenceTask(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._shared_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         inputs, _, lengths = self.unpack(batch)
         return self(inputs, lengths)
 
@@ -200,8 +200,8 @@ class SequenceClassification(SequenceTask):
     def make_metrics(self) -> MetricCollection:
         return MetricCollection({"acc": MulticlassAccuracy(num_classes=self.hparams["output_size"], average="micro")})
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        probs = super().predict_step(batch, batch_idx).softmax(dim=-1)
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        probs = super().predict_step(batch, batch_idx, dataloader_idx).softmax(dim=-1)
         return {"prediction": probs.argmax(dim=-1), "probabilities": probs}
 
 
