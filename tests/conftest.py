@@ -26,9 +26,10 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     yield tmp_path
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def single_thread() -> Iterator[None]:
-    """One intra-op thread: tiny tensors only gain contention from more (several times slower on 2 busy cores)."""
+    """One intra-op thread for every test: tiny tensors only gain contention from more (several times slower on 2
+    busy cores)."""
     import torch
 
     threads = torch.get_num_threads()

@@ -17,7 +17,7 @@ from bnlstm_lit.data.adding import AddingProblem
 from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
 from bnlstm_lit.tasks import SequenceClassification, SequenceRegression
 
-pytestmark = pytest.mark.usefixtures("single_thread", "in_tmp_path")
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 TRAIN_BATCHES = 6  # adding(): 96 training examples in batches of 16
 

@@ -34,8 +34,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 DEBUG_TRAINER = yaml.safe_load(DEBUG.read_text())["trainer"]
 DEBUG_BATCH = yaml.safe_load(DEBUG.read_text())["data"]["init_args"]["batch_size"]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def test_there_are_configs_to_test() -> None:
     names = {p.name for p in EXPERIMENTS}

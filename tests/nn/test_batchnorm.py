@@ -14,15 +14,6 @@ EPS = 1e-5
 STAT_TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention (6x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _bn(C: int = 3, max_steps: int = 6, **kw) -> SequenceBatchNorm:
     bn = SequenceBatchNorm(C, max_steps, **kw).double()
     with torch.no_grad():  # non-trivial γ/β so that a wrong affine shows

@@ -19,15 +19,6 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention (6x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 

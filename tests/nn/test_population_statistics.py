@@ -13,15 +13,6 @@ from bnlstm_lit.nn import BNLSTM, SequenceBatchNorm, batchnorm_sites, estimate_p
 SITES = ("x", "h", "c")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention (6x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(num_layers=1, max_steps=8, seed=0, **kw) -> BNLSTM:
     torch.manual_seed(seed)
     model = BNLSTM(3, 4, num_layers=num_layers, max_steps=max_steps, momentum=0.1, **kw).double()

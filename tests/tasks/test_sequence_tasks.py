@@ -19,7 +19,7 @@ from bnlstm_lit.data.adding import CHANCE_MSE, AddingProblem
 from bnlstm_lit.nn import SequenceBatchNorm, batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import SequenceClassification, SequenceRegression, SequenceTask
 
-pytestmark = pytest.mark.usefixtures("single_thread", "in_tmp_path")
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def trainer(**kwargs) -> L.Trainer:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from bnlstm_lit.nn import BNLSTM
-from bnlstm_lit.nn.cell import RecurrentInit
 
 
 class LastStateReadout(nn.Module):
@@ -19,34 +19,10 @@ class LastStateReadout(nn.Module):
     Shapes: inputs (B, T, input_size) -> (B, output_size).
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        max_steps: int,
-        hidden_size: int = 100,
-        num_layers: int = 1,
-        normalize: bool = True,
-        gamma_init: float = 0.1,
-        momentum: float | None = 0.1,
-        recurrent_init: RecurrentInit = "orthogonal",
-        h0_noise_std: float = 0.0,
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, input_size: int, output_size: int, max_steps: int, hidden_size: int = 100, **rnn: Any) -> None:
+        """``rnn``: further :class:`~bnlstm_lit.nn.BNLSTM` arguments (num_layers, normalize, gamma_init, ...)."""
         super().__init__()
-        self.rnn = BNLSTM(
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            max_steps=max_steps,
-            normalize=normalize,
-            gamma_init=gamma_init,
-            momentum=momentum,
-            recurrent_init=recurrent_init,
-            h0_noise_std=h0_noise_std,
-            dropout=dropout,
-        )
+        self.rnn = BNLSTM(input_size, hidden_size, batch_first=True, max_steps=max_steps, **rnn)
         self.readout = nn.Linear(hidden_size, output_size)
 
     def forward(self, inputs: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
