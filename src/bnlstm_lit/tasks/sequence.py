@@ -10,7 +10,6 @@ Batches are ``(inputs, targets)`` or ``(inputs, targets, lengths)`` with inputs 
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any, Literal
 
 import lightning as L
@@ -106,13 +105,14 @@ class SequenceTask(L.LightningModule):
         self.test_metrics = self.make_metrics()
 
     # ---- what a subclass says ------------------------------------------------------------------------------------
-    @abstractmethod
+    # (LightningModule is no ABC, so these raise instead of relying on @abstractmethod)
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Scalar training loss of the network's outputs (B, output_size)."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(outputs, targets)")
 
-    @abstractmethod
     def make_metrics(self) -> MetricCollection:
         """The metrics of one split, named without the split prefix (e.g. ``acc``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make_metrics()")
 
     def metric_inputs(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """What the metrics are updated with (by default the raw outputs and targets)."""
@@ -144,8 +144,16 @@ class SequenceTask(L.LightningModule):
         loss = self.loss(outputs, targets)
         metrics: MetricCollection = getattr(self, f"{split}_metrics")
         metrics.update(*self.metric_inputs(outputs.detach(), targets))
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        training = split == "train"
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=training,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(targets),
+            sync_dist=not training,  # evaluation losses averaged over DDP ranks; metrics sync themselves
+        )
         self.log_dict(
             {f"{split}/{name}": m for name, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=True
         )
