@@ -88,8 +88,8 @@ class RecordingStatistics(PopulationStatistics):
         super().__init__(**kwargs)
         self.calls: list[dict[str, Any]] = []
 
-    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        used = super().estimate(trainer, pl_module)
+    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule, max_batches: int | None = None) -> int:
+        used = super().estimate(trainer, pl_module, max_batches)
         self.calls.append(
             {"step": trainer.global_step, "sanity": trainer.sanity_checking, "used": used, "stage": trainer.state.stage}
         )
@@ -151,6 +151,8 @@ def test_limit_train_batches_zero_names_the_setting() -> None:
 def test_bad_max_batches() -> None:
     with pytest.raises(ValueError, match="max_batches must be positive"):
         PopulationStatistics(max_batches=0)
+    with pytest.raises(ValueError, match="validation_max_batches must be positive"):
+        PopulationStatistics(validation_max_batches=0)
 
 
 def test_before_validation_runs_before_each_validation_but_not_the_sanity_check() -> None:
@@ -164,6 +166,21 @@ def test_before_validation_runs_before_each_validation_but_not_the_sanity_check(
     assert all(c["used"] == 2 for c in callback.calls)
     # the validation of the last epoch saw exactly the estimate from the final weights
     assert_same_statistics(statistics(model), direct_estimate(model, adding(), max_batches=2)[1])
+
+
+def test_validation_max_batches_bounds_only_the_passes_before_validation_in_fit() -> None:
+    callback = RecordingStatistics(before_validation=True, validation_max_batches=2)
+    model = regression()
+    dm = adding()
+    t = trainer([callback], max_epochs=1, num_sanity_val_steps=0)
+    t.fit(model, dm)
+    t.validate(model, dm, verbose=False)  # outside fit: the full bound (max_batches=None: the whole training set)
+    t.test(model, dm, verbose=False)
+    assert [(c["stage"].value, c["used"]) for c in callback.calls] == [
+        ("validate", 2),
+        ("validate", TRAIN_BATCHES),
+        ("test", TRAIN_BATCHES),
+    ]
 
 
 def test_by_default_validation_keeps_the_running_averages() -> None:

@@ -28,6 +28,8 @@ class PopulationStatistics(Callback):
         before_predict: estimate before predict.
         max_batches: use at most this many training batches. None: one training epoch -- the whole training set
             (the paper). ``trainer.limit_train_batches`` bounds the pass in either case.
+        validation_max_batches: a separate, usually smaller, bound for the passes before validation during fit
+            (checkpoint selection needs sound statistics, not the full protocol every epoch); None: max_batches.
     """
 
     def __init__(
@@ -36,28 +38,32 @@ class PopulationStatistics(Callback):
         before_test: bool = True,
         before_predict: bool = True,
         max_batches: int | None = None,
+        validation_max_batches: int | None = None,
     ) -> None:
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"PopulationStatistics: max_batches must be positive or null, got {max_batches}")
+        for name, value in (("max_batches", max_batches), ("validation_max_batches", validation_max_batches)):
+            if value is not None and value < 1:
+                raise ValueError(f"PopulationStatistics: {name} must be positive or null, got {value}")
         self.before_validation = before_validation
         self.before_test = before_test
         self.before_predict = before_predict
         self.max_batches = max_batches
+        self.validation_max_batches = validation_max_batches
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before_validation and not trainer.sanity_checking:
-            self.estimate(trainer, pl_module)
+            bound = self.validation_max_batches if trainer.state.fn == "fit" else None
+            self.estimate(trainer, pl_module, bound or self.max_batches)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before_test:
-            self.estimate(trainer, pl_module)
+            self.estimate(trainer, pl_module, self.max_batches)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before_predict:
-            self.estimate(trainer, pl_module)
+            self.estimate(trainer, pl_module, self.max_batches)
 
-    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        """Run the estimation now; returns the number of training batches used."""
+    def estimate(self, trainer: L.Trainer, pl_module: L.LightningModule, max_batches: int | None = None) -> int:
+        """Run the estimation now over at most ``max_batches`` training batches; returns the number used."""
         if not batchnorm_sites(pl_module):
             return 0  # the LSTM baseline has nothing to estimate
         datamodule = getattr(trainer, "datamodule", None)
@@ -77,7 +83,6 @@ class PopulationStatistics(Callback):
             else:
                 module(batch[0])
 
-        max_batches = self.max_batches
         limit = trainer.limit_train_batches  # an epoch as the trainer defines it also bounds the pass
         if isinstance(limit, int):
             max_batches = limit if max_batches is None else min(max_batches, limit)
