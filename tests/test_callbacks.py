@@ -16,6 +16,7 @@ from bnlstm_lit.callbacks import PopulationStatistics, PredictionWriter
 from bnlstm_lit.data.adding import AddingProblem
 from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
 from bnlstm_lit.tasks import SequenceClassification, SequenceRegression
+from quiet import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
@@ -23,18 +24,7 @@ TRAIN_BATCHES = 6  # adding(): 96 training examples in batches of 16
 
 
 def trainer(callbacks: list[Any], **kwargs: Any) -> L.Trainer:
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "max_epochs": 1,
-        "callbacks": callbacks,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return quiet_trainer(callbacks=callbacks, **kwargs)
 
 
 def adding(**kwargs: Any) -> AddingProblem:

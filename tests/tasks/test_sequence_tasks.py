@@ -18,23 +18,9 @@ from bnlstm_lit.callbacks import PopulationStatistics
 from bnlstm_lit.data.adding import CHANCE_MSE, AddingProblem
 from bnlstm_lit.nn import SequenceBatchNorm, batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import SequenceClassification, SequenceRegression, SequenceTask
+from quiet import quiet_trainer as trainer
 
 pytestmark = pytest.mark.usefixtures("in_tmp_path")
-
-
-def trainer(**kwargs) -> L.Trainer:
-    """A quiet CPU trainer that writes nothing unless asked."""
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "max_epochs": 1,
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
 
 
 def regression(**kwargs) -> SequenceRegression:
