@@ -496,3 +496,31 @@ def test_nan_and_inf_in_padding_do_not_reach_real_positions():
     out = bn(dirty, 0, mask)
     torch.testing.assert_close(out[mask], clean[mask])
     torch.testing.assert_close((bn.running_mean, bn.running_var), stats)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_deferred_updates_equal_immediate_updates(momentum):
+    from bnlstm_lit.nn.batchnorm import deferred_statistics_updates
+
+    torch.manual_seed(14)
+    immediate, deferred = _bn(momentum=momentum), _bn(momentum=momentum)
+    steps = [torch.randn(5, 3, dtype=torch.float64) * (t + 1) for t in range(4)]
+    masks = [
+        None,
+        torch.tensor([True, True, False, True, False]),
+        torch.tensor([True, False, False, False, False]),
+        None,
+    ]
+    calls = [(0, steps[0], masks[0]), (1, steps[1], masks[1]), (2, steps[2], masks[2]), (3, steps[3], masks[3])]
+    calls += [(1, steps[2], None), (5, steps[0], None)]  # a repeated step and a jump: not one consecutive run
+    outs_immediate = [immediate(x, t, m) for t, x, m in calls]
+    with deferred_statistics_updates(deferred):
+        with deferred_statistics_updates(deferred):  # nested: the outer context collects
+            outs_deferred = [deferred(x, t, m) for t, x, m in calls]
+        assert deferred.num_batches_tracked.sum() == 0  # nothing written before the outermost exit
+    for a, b in zip(outs_immediate, outs_deferred, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(deferred.running_mean, immediate.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(deferred.running_var, immediate.running_var, rtol=1e-12, atol=1e-12)
+    assert torch.equal(deferred.num_batches_tracked, immediate.num_batches_tracked)
+    assert deferred.num_batches_tracked.tolist() == [1, 2, 0, 1, 0, 1]  # step 2 had one real sequence only

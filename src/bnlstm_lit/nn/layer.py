@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from bnlstm_lit.nn.batchnorm import deferred_statistics_updates
 from bnlstm_lit.nn.cell import BNLSTMCell, RecurrentInit
 
 
@@ -142,18 +143,19 @@ class BNLSTM(nn.Module):
         x_terms = cell.input_term(x, mask).unbind(0)
         h, c = state
         outputs = []
-        if mask is None:
-            for t, x_t in enumerate(x_terms):
-                h, c = cell(x_t, (h, c), t)
+        with deferred_statistics_updates(cell):  # running statistics written once after the loop, not per step
+            if mask is None:
+                for t, x_t in enumerate(x_terms):
+                    h, c = cell(x_t, (h, c), t)
+                    outputs.append(h)
+                return torch.stack(outputs), (h, c)
+            keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
+            for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True)):
+                h_new, c_new = cell(x_t, (h, c), t, m_t)
+                h = torch.where(keep_t, h_new, h)
+                c = torch.where(keep_t, c_new, c)
                 outputs.append(h)
-            return torch.stack(outputs), (h, c)
-        keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
-        for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True)):
-            h_new, c_new = cell(x_t, (h, c), t, m_t)
-            h = torch.where(keep_t, h_new, h)
-            c = torch.where(keep_t, c_new, c)
-            outputs.append(h)
-        return torch.stack(outputs) * keep, (h, c)  # zero outputs at padded positions
+            return torch.stack(outputs) * keep, (h, c)  # zero outputs at padded positions
 
     # ---- input checks: clear errors that name the problem ------------------------------------------------------
     def _check_input(self, input: Tensor) -> Tensor:
