@@ -1,9 +1,9 @@
 """Pure-PyTorch building blocks (never imports lightning): per-step batch norm, the BN-LSTM cell and layer."""
 
-from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, set_eval_statistics
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, batchnorm_sites, set_eval_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell
 from bnlstm_lit.nn.layer import BNLSTM
-from bnlstm_lit.nn.statistics import batchnorm_sites, estimate_population_statistics
+from bnlstm_lit.nn.statistics import estimate_population_statistics
 
 __all__ = [
     "BNLSTM",

@@ -141,7 +141,7 @@ class SequenceBatchNorm(nn.Module):
             if T == 1:  # one fused kernel for the common case, a step of the time loop
                 y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
                 return y.unsqueeze(0)
-            return self._affine((x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
+            return self._normalize_with(x, mean, var)
         if self.training and start + T > self.max_steps:
             raise ValueError(
                 f"time step {start + T - 1} reached in training, but population statistics are kept for "
@@ -163,12 +163,14 @@ class SequenceBatchNorm(nn.Module):
             pop_mean, pop_var = self._population(start, T)
             mean = torch.where(valid[:, None], mean, pop_mean)
             var = torch.where(valid[:, None], var, pop_var)
-            y = self._affine((x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps))
+            y = self._normalize_with(x, mean, var)
         if self.training:
             self._update_running_stats(start, mean, var, valid)
         return y
 
-    def _affine(self, y: Tensor) -> Tensor:
+    def _normalize_with(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """γ (x - mean_t) / sqrt(var_t + ε) + β for x (T, B, C) and per-step statistics (T, C)."""
+        y = (x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps)
         if self.weight is not None:
             y = y * self.weight
         if self.bias is not None:
@@ -281,7 +283,7 @@ def deferred_statistics_updates(module: nn.Module) -> Iterator[None]:
     context the per-step statistics are kept and written once, as one vectorized update per run of consecutive
     steps, with the same result. Nested use keeps the outermost collection.
     """
-    sites = [m for m in module.modules() if isinstance(m, SequenceBatchNorm) and m.training and m._deferred is None]
+    sites = [m for m in batchnorm_sites(module) if m.training and m._deferred is None]
     for site in sites:
         site._deferred = []
     try:
@@ -295,6 +297,10 @@ def set_eval_statistics(module: nn.Module, mode: EvalStatistics) -> None:
     """Choose which statistics every :class:`SequenceBatchNorm` in ``module`` uses in evaluation mode."""
     if mode not in ("population", "batch"):
         raise ValueError(f"eval statistics must be 'population' or 'batch', got {mode!r}")
-    for m in module.modules():
-        if isinstance(m, SequenceBatchNorm):
-            m.eval_statistics = mode
+    for site in batchnorm_sites(module):
+        site.eval_statistics = mode
+
+
+def batchnorm_sites(module: nn.Module) -> list[SequenceBatchNorm]:
+    """Every :class:`SequenceBatchNorm` inside ``module`` (itself included)."""
+    return [m for m in module.modules() if isinstance(m, SequenceBatchNorm)]

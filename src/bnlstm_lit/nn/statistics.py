@@ -9,12 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
-
-
-def batchnorm_sites(module: nn.Module) -> list[SequenceBatchNorm]:
-    """Every :class:`SequenceBatchNorm` inside ``module`` (itself included)."""
-    return [m for m in module.modules() if isinstance(m, SequenceBatchNorm)]
+from bnlstm_lit.nn.batchnorm import batchnorm_sites
 
 
 @torch.no_grad()
