@@ -24,7 +24,7 @@ from bnlstm_lit.cli import BNLSTMCLI, main
 from bnlstm_lit.data import PermutedMNIST
 from bnlstm_lit.data.mnist import MNIST_FILES, mnist_permutation
 from bnlstm_lit.nn import batchnorm_sites
-from bnlstm_lit.tasks import SequenceClassification
+from bnlstm_lit.tasks import CharLanguageModel, SequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -38,22 +38,36 @@ DEBUG_BATCH = yaml.safe_load(DEBUG.read_text())["data"]["init_args"]["batch_size
 def test_there_are_configs_to_test() -> None:
     names = {p.name for p in EXPERIMENTS}
     assert {"adding_bnlstm.yaml", "adding_lstm.yaml", "smnist_bnlstm.yaml", "pmnist_bnlstm.yaml"} <= names
+    assert {"ptb_bnlstm.yaml", "ptb_lstm.yaml", "text8_bnlstm.yaml", "text8_lstm.yaml"} <= names
+
+
+#: data_dir of a shipped config (its last part) -> the shared offline copy and any extra arguments it needs
+SHARED_DATA: dict[str, tuple[str, list[str]]] = {
+    "mnist": ("mnist", []),
+    "ptb": ("ptb", []),
+    # only the first 6.9M characters of text8 are available offline: not the canonical archive
+    "text8": ("text8", ["--data.init_args.archive=text8_prefix.zip", "--data.init_args.check_canonical=false"]),
+}
 
 
 def data_args(config: Path, request: pytest.FixtureRequest | None) -> list[str]:
-    """``--data.init_args.data_dir`` pointing at the shared MNIST copy for configs that read MNIST files.
+    """``--data.init_args.data_dir`` pointing at the shared copy (MNIST, PTB, text8) for configs that read files.
 
-    The ``shared_data`` fixture is requested only here, so the adding configs run where the MNIST copy is absent.
+    The ``shared_data`` fixture is requested only here, so the adding configs run where the shared copy is absent.
     """
     init_args = yaml.safe_load(config.read_text())["data"].get("init_args", {})
     if "data_dir" not in init_args:
         return []
-    assert str(init_args["data_dir"]).rstrip("/").endswith("mnist"), f"{config.name}: unknown data_dir"
-    assert request is not None, f"{config.name} reads MNIST: pass request"
-    mnist = request.getfixturevalue("shared_data") / "mnist"
-    if not all((mnist / name).is_file() for name in MNIST_FILES):
-        pytest.skip(f"shared MNIST files not found in {mnist}")
-    return [f"--data.init_args.data_dir={mnist}"]
+    corpus = Path(str(init_args["data_dir"])).name
+    assert corpus in SHARED_DATA, f"{config.name}: unknown data_dir {init_args['data_dir']}"
+    assert request is not None, f"{config.name} reads {corpus}: pass request"
+    folder, extra = SHARED_DATA[corpus]
+    path = request.getfixturevalue("shared_data") / folder
+    if corpus == "mnist" and not all((path / name).is_file() for name in MNIST_FILES):
+        pytest.skip(f"shared MNIST files not found in {path}")
+    if not path.is_dir():
+        pytest.skip(f"shared {corpus} data not found in {path}")
+    return [f"--data.init_args.data_dir={path}", *extra]
 
 
 def call_main(args: list[str]) -> BNLSTMCLI:
@@ -129,7 +143,10 @@ def test_every_config_fits_with_the_debug_overlay(config: Path, fitted: Callable
         assert cli.model.hparams[name] == getattr(cli.datamodule, name)
     metrics = trainer.callback_metrics
     assert "val/loss" in metrics and finite(metrics["val/loss"]) and finite(metrics["train/loss"])
-    metric = "val/acc" if isinstance(cli.model, SequenceClassification) else "val/mse"
+    if isinstance(cli.model, CharLanguageModel):
+        metric = "val/bpc"
+    else:
+        metric = "val/acc" if isinstance(cli.model, SequenceClassification) else "val/mse"
     assert metric in metrics and finite(metrics[metric])
     # the checkpoint is loadable and holds the BN statistics when the model has BN sites
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

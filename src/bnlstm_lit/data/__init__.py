@@ -3,5 +3,17 @@
 from bnlstm_lit.data.adding import AddingProblem
 from bnlstm_lit.data.base import SequenceDataModule
 from bnlstm_lit.data.mnist import PermutedMNIST, SequentialMNIST
+from bnlstm_lit.data.text import CharCorpus, CharVocabulary, PTBChar, Text8, TextBatch, TextFiles
 
-__all__ = ["AddingProblem", "PermutedMNIST", "SequenceDataModule", "SequentialMNIST"]
+__all__ = [
+    "AddingProblem",
+    "CharCorpus",
+    "CharVocabulary",
+    "PTBChar",
+    "PermutedMNIST",
+    "SequenceDataModule",
+    "SequentialMNIST",
+    "Text8",
+    "TextBatch",
+    "TextFiles",
+]

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -130,6 +130,7 @@ def download_url(
     progress: bool = True,
     *,
     timeout: float = 60.0,
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """Download a file to ``dest``, trying each mirror in order until one gives bytes with the expected md5.
 
@@ -139,6 +140,8 @@ def download_url(
         md5: expected hex md5 of the file, or None to accept any complete download (discouraged).
         progress: show a progress bar on stderr (tqdm when importable, a plain text line otherwise).
         timeout: seconds a connection may stay silent before the mirror counts as failed.
+        check: optional validation of the downloaded file before it is moved into place (for files without a known
+            md5, e.g. a zip whose member CRC is known); it raises ValueError (or OSError, RuntimeError) to reject it.
 
     Returns:
         ``dest`` as a :class:`~pathlib.Path`.
@@ -163,6 +166,12 @@ def download_url(
             if md5 is not None and actual != md5.lower():
                 failures.append(f"{url}: md5 mismatch (expected {md5.lower()}, got {actual})")
                 continue
+            if check is not None:
+                try:
+                    check(tmp)
+                except (ValueError, RuntimeError) as err:
+                    failures.append(f"{url}: the file failed its check: {err}")
+                    continue
             os.replace(tmp, dest)
             return dest
         # URLError, HTTPError, timeouts and disk errors are OSErrors; ValueError is urllib's "unknown url type".

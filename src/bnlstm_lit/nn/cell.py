@@ -102,11 +102,11 @@ class BNLSTMCell(nn.Module):
             if bn is not None:
                 bn.reset_parameters()
 
-    def input_term(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """BN_t(W_x x_t; γ_x) + b for all steps at once: ``(T, B, I) -> (T, B, 4H)``."""
+    def input_term(self, x: Tensor, mask: Tensor | None = None, start: int = 0) -> Tensor:
+        """BN_t(W_x x_t; γ_x) + b for all steps at once: ``(T, B, I) -> (T, B, 4H)``; row t is time step start + t."""
         wx = x @ self.weight_ih.t()  # (T, B, 4H): one matmul for the whole sequence
         if self.bn_x is not None:
-            wx = self.bn_x(wx, 0, mask)  # per-step statistics, one reduction over the batch axis
+            wx = self.bn_x(wx, start, mask)  # per-step statistics, one reduction over the batch axis
         return wx + self.bias
 
     def forward(

@@ -115,8 +115,11 @@ class BNLSTM(nn.Module):
         input: Tensor,
         state: tuple[Tensor, Tensor] | None = None,
         lengths: Tensor | Sequence[int] | None = None,
+        start_step: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x = self._check_input(input)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"BNLSTM: start_step must be a non-negative integer, got {start_step!r}")
         if self.batch_first:
             x = x.transpose(0, 1)  # (T, B, I)
         T, B, _ = x.shape
@@ -126,7 +129,7 @@ class BNLSTM(nn.Module):
         for layer, cell in enumerate(self.cells):
             if layer > 0 and self.dropout > 0:
                 x = nn.functional.dropout(x, self.dropout, self.training)
-            x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask)  # type: ignore[arg-type]
+            x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask, start_step)  # type: ignore[arg-type]
             h_n.append(h)
             c_n.append(c)
         if self.batch_first:
@@ -135,22 +138,22 @@ class BNLSTM(nn.Module):
 
     @staticmethod
     def _run_layer(
-        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None
+        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start: int = 0
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c)."""
+        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c); row t is time step start + t."""
         # (T, B, 4H), hoisted out of the loop. unbind, not x_terms[t]: the backward of T separate index ops would
         # build T full-size zero gradients (O(T^2) memory traffic), unbind's is one stack.
-        x_terms = cell.input_term(x, mask).unbind(0)
+        x_terms = cell.input_term(x, mask, start).unbind(0)
         h, c = state
         outputs = []
         with deferred_statistics_updates(cell):  # running statistics written once after the loop, not per step
             if mask is None:
-                for t, x_t in enumerate(x_terms):
+                for t, x_t in enumerate(x_terms, start):
                     h, c = cell(x_t, (h, c), t)
                     outputs.append(h)
                 return torch.stack(outputs), (h, c)
             keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
-            for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True)):
+            for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True), start):
                 h_new, c_new = cell(x_t, (h, c), t, m_t)
                 h = torch.where(keep_t, h_new, h)
                 c = torch.where(keep_t, c_new, c)

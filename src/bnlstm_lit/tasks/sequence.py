@@ -10,26 +10,22 @@ Batches are ``(inputs, targets)`` or ``(inputs, targets, lengths)`` with inputs 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 from bnlstm_lit.models import LastStateReadout
-from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
 from bnlstm_lit.nn.cell import RecurrentInit
+from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
-EvalStatistics = Literal["population", "batch"]
 
-
-class SequenceTask(L.LightningModule):
+class SequenceTask(BNLSTMTask):
     """Base LightningModule of the sequence tasks.
 
     Args:
@@ -45,11 +41,7 @@ class SequenceTask(L.LightningModule):
         recurrent_init: "orthogonal", or "identity_g" (identity on the candidate block: the paper's MNIST init).
         h0_noise_std: Gaussian noise on the learned h_0 in training (0.1 for unpermuted sequential MNIST).
         dropout: between stacked layers.
-        optimizer: optimizer factory, injected by the CLI (``model.init_args.optimizer``).
-        lr_scheduler: optional LR-scheduler factory; ReduceLROnPlateau monitors ``monitor``.
-        eval_statistics: "population" (the paper's test protocol) or "batch": the statistics every BN site uses
-            in validation, test and predict. The choice is logged at the start of each evaluation.
-        monitor: the metric an LR scheduler such as ReduceLROnPlateau follows.
+        optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
     def __init__(
@@ -70,21 +62,9 @@ class SequenceTask(L.LightningModule):
         eval_statistics: EvalStatistics = "population",
         monitor: str = "val/loss",
     ) -> None:
-        super().__init__()
-        for name, value in (("input_size", input_size), ("output_size", output_size), ("max_steps", max_steps)):
-            if value <= 0:
-                raise ValueError(f"model.init_args.{name} must be positive, got {value}")
-        if hidden_size <= 0:
-            raise ValueError(f"model.init_args.hidden_size must be positive, got {hidden_size}")
-        if eval_statistics not in ("population", "batch"):
-            raise ValueError(
-                f"model.init_args.eval_statistics must be 'population' or 'batch', got {eval_statistics!r}"
-            )
+        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
+        super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.eval_statistics = eval_statistics
-        self.monitor = monitor
         self.net = LastStateReadout(
             input_size,
             output_size,
@@ -171,29 +151,6 @@ class SequenceTask(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         inputs, _, lengths = self.unpack(batch)
         return self(inputs, lengths)
-
-    # ---- evaluation statistics ---------------------------------------------------------------------------------------
-    def _use_eval_statistics(self, stage: str) -> None:
-        set_eval_statistics(self, self.eval_statistics)
-        if batchnorm_sites(self) and not (stage == "validation" and self.trainer.sanity_checking):
-            rank_zero_info(f"[bnlstm_lit] {stage} uses {self.eval_statistics} statistics in every BN site")
-
-    def on_validation_start(self) -> None:
-        self._use_eval_statistics("validation")
-
-    def on_test_start(self) -> None:
-        self._use_eval_statistics("test")
-
-    def on_predict_start(self) -> None:
-        self._use_eval_statistics("predict")
-
-    # ---- optimization -----------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
 
 
 class SequenceClassification(SequenceTask):

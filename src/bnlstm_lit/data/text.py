@@ -1,0 +1,926 @@
+"""Character-level corpora for language modelling (paper Sec. 5.2-5.3): Penn Treebank characters and text8.
+
+A corpus is a stream of symbols, one byte each, kept as a uint8 tensor (100 MB for the full text8, never a Python
+list of characters). :class:`CharCorpus` is the DataModule base: it owns the vocabulary, the two ways of cutting the
+stream into training batches and the paper's test protocols. Subclasses only say where the data comes from and how
+it splits (:meth:`CharCorpus.read_splits`, :meth:`CharCorpus.download_corpus`): :class:`PTBChar`, :class:`Text8`,
+and :class:`TextFiles` for any plain-text corpus.
+
+Training batches (``mode``):
+
+* ``"paper"`` -- non-overlapping examples of ``seq_length`` characters, cut at a fresh random offset every epoch and
+  shuffled; every example starts from the learned initial state. Each epoch covers its cropped corpus exactly once.
+* ``"stateful"`` -- the split as ``batch_size`` contiguous streams (per DDP rank: each rank keeps its own); batch k+1
+  row i continues batch k row i, and the task carries the hidden state, detached, between batches (truncated BPTT).
+
+Test protocols (``test_protocol``), logged under distinct names by :class:`~bnlstm_lit.tasks.CharLanguageModel`:
+
+* ``"examples"`` -- the test split cut like the validation split (``test/bpc``);
+* ``"full"`` -- the whole test split as one sequence, batch 1, read in chunks of ``full_chunk_length`` with the state
+  and the time index carried across chunks, so memory stays bounded (``test/bpc_full``; the paper's Table 2);
+* ``"sweep"`` -- non-overlapping test subsequences of each length in ``sweep_lengths`` (``test/bpc_L{length}_{stats}``,
+  population and batch statistics; paper Fig. 3b).
+
+Every batch is a :class:`TextBatch`: int64 inputs and targets (B, T) -- the targets are the inputs shifted by one --
+plus whether it continues the previous batch's state, the time index of its first step and its protocol tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+import uuid
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple, cast
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from bnlstm_lit.data.base import SequenceDataModule
+from bnlstm_lit.data.download import check_file, download_url, file_md5
+
+__all__ = [
+    "PTB_SYMBOLS",
+    "TEXT8_SYMBOLS",
+    "CharCorpus",
+    "CharVocabulary",
+    "ExampleStarts",
+    "PTBChar",
+    "SampleRequest",
+    "Text8",
+    "TextBatch",
+    "TextFiles",
+    "TokenStream",
+    "read_ptb_char_file",
+    "read_ptb_word_file",
+]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["paper", "stateful"]
+TestProtocol = Literal["examples", "full", "sweep"]
+SPLITS = ("train", "valid", "test")
+
+#: The 49 characters of the Mikolov PTB character files plus end of line (50 symbols), in byte order.
+PTB_SYMBOLS = "\n#$&'*-./0123456789<>N\\_abcdefghijklmnopqrstuvwxyz"
+#: text8: space and the 26 lowercase letters (27 symbols).
+TEXT8_SYMBOLS = " abcdefghijklmnopqrstuvwxyz"
+
+
+# -------------------------------------------------------------------------------------------------------- vocabulary
+
+
+class CharVocabulary:
+    """An ordered set of single-byte symbols; symbol ``symbols[k]`` has id k.
+
+    Encoding goes through a 256-entry lookup table, so a 100 MB corpus is encoded in one vectorized pass.
+    """
+
+    def __init__(self, symbols: str | Sequence[str]) -> None:
+        symbols = tuple(symbols)
+        if not symbols:
+            raise ValueError("a vocabulary needs at least one symbol")
+        for s in symbols:
+            if len(s) != 1 or ord(s) > 255:
+                raise ValueError(f"vocabulary symbols must be single characters with a code below 256, got {s!r}")
+        if len(set(symbols)) != len(symbols):
+            raise ValueError(f"vocabulary symbols must be distinct, got {''.join(symbols)!r}")
+        self.symbols: tuple[str, ...] = symbols
+        table = np.full(256, -1, dtype=np.int16)
+        table[[ord(s) for s in symbols]] = np.arange(len(symbols), dtype=np.int16)
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CharVocabulary) and other.symbols == self.symbols
+
+    def __hash__(self) -> int:
+        return hash(self.symbols)
+
+    def __repr__(self) -> str:
+        return f"CharVocabulary({''.join(self.symbols)!r})"
+
+    def encode_bytes(self, raw: np.ndarray, where: str) -> Tensor:
+        """Symbol bytes uint8 (N,) -> ids uint8 (N,); an unknown byte raises a ValueError naming ``where``, line."""
+        ids = self._table[raw]  # (N,) int16, -1 for unknown bytes
+        bad = np.flatnonzero(ids < 0)
+        if bad.size:
+            position = int(bad[0])
+            line = int(np.count_nonzero(raw[:position] == ord("\n"))) + 1
+            char = chr(int(raw[position]))
+            raise ValueError(
+                f"{where}: character {char!r} (byte 0x{int(raw[position]):02x}) at offset {position} (line {line}) is "
+                f"not in the vocabulary of {len(self)} symbols {''.join(self.symbols)!r} "
+                f"({bad.size} unknown characters in all)"
+            )
+        return torch.from_numpy(ids.astype(np.uint8))
+
+    def encode(self, text: str, where: str = "text") -> Tensor:
+        """A string -> ids int64 (len(text),)."""
+        try:
+            raw = np.frombuffer(text.encode("latin-1"), dtype=np.uint8)
+        except UnicodeEncodeError as err:
+            bad = text[err.start]
+            raise ValueError(
+                f"{where}: character {bad!r} at offset {err.start} is not in the vocabulary of {len(self)} symbols "
+                f"{''.join(self.symbols)!r}"
+            ) from None
+        return self.encode_bytes(raw, where).long()
+
+    def decode(self, ids: Tensor | Sequence[int]) -> str:
+        """ids (N,) -> the string they spell."""
+        return "".join(self.symbols[int(i)] for i in torch.as_tensor(ids).reshape(-1).tolist())
+
+
+# ------------------------------------------------------------------------------------------------------------ files
+
+
+def _read_bytes(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0:
+        raise ValueError(f"{what}: {path} is empty")
+    return raw
+
+
+def read_ptb_char_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """A Mikolov ``ptb.char.*.txt`` file -> its symbols as bytes uint8 (N,), ``\\n`` ending every sentence.
+
+    The file holds one sentence per line, each character followed by one space (``_`` marks word boundaries), so the
+    symbols are exactly the file's bytes without the spaces.
+    """
+    path = Path(path)
+    raw = _read_bytes(path, "PTB character file")
+    text = raw.tobytes()
+    if (match := re.search(rb"[^ \n][^ \n]", text)) is not None:
+        line = text.count(b"\n", 0, match.start()) + 1
+        raise ValueError(
+            f"{path} is not a character-level PTB file: line {line} has two adjacent non-space characters "
+            f"{match.group().decode('latin-1')!r} (expected characters separated by single spaces)"
+        )
+    return np.frombuffer(text.replace(b" ", b""), dtype=np.uint8)
+
+
+def read_ptb_word_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """A word-level ``ptb.*.txt`` file -> the symbols of its character-level twin, derived exactly.
+
+    Every character line is ``' '.join(word_line.strip().replace(' ', '_'))``: each sentence's words joined by ``_``,
+    then end of line.
+    """
+    raw = _read_bytes(Path(path), "PTB word file").tobytes()
+    lines = raw.split(b"\n")
+    if lines[-1].strip() == b"":
+        lines.pop()  # the file ends with a newline
+    symbols = b"".join(b"_".join(line.split()) + b"\n" for line in lines)
+    return np.frombuffer(symbols, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+class TextBatch(NamedTuple):
+    """One batch of a character corpus.
+
+    Attributes:
+        inputs: int64 (B, T) symbol ids.
+        targets: int64 (B, T), the next symbol of every input position (the inputs shifted by one).
+        carry: True if row i continues row i of the previous batch of this loader (stateful streams): the task then
+            starts from the previous batch's final state, detached.
+        start_step: time index of the first step (selects the per-step BN statistics; steps beyond the trained
+            length reuse the last statistics).
+        tag: protocol tag, part of the logged metric names ("" for the split's plain metric, "full", "L100", ...).
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    carry: bool = False
+    start_step: int = 0
+    tag: str = ""
+
+
+class SampleRequest(NamedTuple):
+    """What ``predict`` samples: ``length`` symbols after the ``prime`` (int64 (N, P), N samples) at ``temperature``."""
+
+    prime: Tensor
+    length: int
+    temperature: float
+    vocabulary: CharVocabulary
+
+
+class ExampleDataset(Dataset[Tensor]):
+    """Windows of ``length + 1`` symbols of a uint8 (N,) corpus, indexed by start position (:class:`ExampleStarts`)."""
+
+    def __init__(self, tokens: Tensor, length: int) -> None:
+        self.tokens = tokens
+        self.length = length
+        self._window = torch.arange(length + 1)
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.length  # number of valid start positions
+
+    def __getitem__(self, start: int) -> Tensor:
+        return self.tokens[start : start + self.length + 1]
+
+    def __getitems__(self, starts: list[int]) -> Tensor:
+        index = torch.as_tensor(starts, dtype=torch.long)[:, None] + self._window  # (B, L+1)
+        return self.tokens[index]
+
+
+class ExampleCollate:
+    """Windows uint8 (B, L+1) -> a :class:`TextBatch` with inputs ``w[:, :-1]`` and targets ``w[:, 1:]``."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+
+    def __call__(self, batch: Tensor | list[Tensor]) -> TextBatch:
+        windows = torch.stack(batch) if isinstance(batch, list) else batch  # (B, L+1)
+        windows = windows.long()
+        return TextBatch(windows[:, :-1], windows[:, 1:], tag=self.tag)
+
+
+class ExampleStarts(Sampler[int]):
+    """Start positions of non-overlapping examples of ``length`` symbols (each with its next-symbol target).
+
+    ``random_offset=True`` (paper-mode training): each epoch the corpus is cropped at an offset drawn uniformly from
+    [0, length) and cut into ``(num_tokens - length) // length`` examples -- the same number for every offset -- in a
+    shuffled order; the generator is seeded with ``(seed, epoch)`` (Lightning calls :meth:`set_epoch`), so runs
+    repeat. Otherwise (evaluation): offset 0, ``(num_tokens - 1) // length`` examples in order.
+    """
+
+    def __init__(self, num_tokens: int, length: int, random_offset: bool, seed: int = 0) -> None:
+        self.length = length
+        self.random_offset = random_offset
+        self.seed = seed
+        self.epoch = 0
+        self.num_examples = (num_tokens - length) // length if random_offset else (num_tokens - 1) // length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def offset(self) -> int:
+        """This epoch's crop offset (0 in evaluation)."""
+        if not self.random_offset:
+            return 0
+        return int(torch.randint(self.length, (), generator=self._generator()))
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.random_offset:
+            yield from range(0, self.num_examples * self.length, self.length)
+            return
+        generator = self._generator()
+        offset = int(torch.randint(self.length, (), generator=generator))
+        order = torch.randperm(self.num_examples, generator=generator)
+        yield from (offset + order * self.length).tolist()
+
+
+class TokenStream(IterableDataset[TextBatch]):
+    """A split read as ``batch_size`` contiguous streams, ``chunk_length`` symbols per batch.
+
+    The symbols are cut into ``batch_size * world_size`` equal rows; rank r reads rows ``r*B … r*B+B-1``, so every
+    rank keeps contiguous streams of its own under DDP. Batch k holds columns ``k*L … k*L+L-1`` of those rows (targets
+    one further) and has ``carry = k > 0``. Each symbol but the first of a row is predicted exactly once.
+
+    Args:
+        tokens: uint8 (N,) symbol ids.
+        batch_size: streams per rank (B).
+        chunk_length: steps per batch (L).
+        rank, world_size: this process and the number of processes.
+        continue_time: number the steps of batch k from k*L (one long sequence: the full-test protocol); False
+            restarts the time index at 0 every batch (stateful training, whose statistics cover L steps).
+        drop_last: drop a final chunk shorter than L (training); False keeps it (evaluation reads every symbol).
+        tag: protocol tag of the batches.
+    """
+
+    def __init__(
+        self,
+        tokens: Tensor,
+        batch_size: int,
+        chunk_length: int,
+        rank: int = 0,
+        world_size: int = 1,
+        continue_time: bool = False,
+        drop_last: bool = True,
+        tag: str = "",
+    ) -> None:
+        rows = batch_size * world_size
+        self.row_length = (len(tokens) - 1) // rows  # inputs per row; the row's targets reach one symbol further
+        if self.row_length < (chunk_length if drop_last else 1):
+            raise ValueError(
+                f"a split of {len(tokens)} symbols cut into {rows} streams ({batch_size} per rank x {world_size} "
+                f"ranks) gives streams of {self.row_length} steps, shorter than one chunk of {chunk_length}; use a "
+                "smaller batch size or sequence length"
+            )
+        # (rows, row_length + 1): row j is tokens[j*R : (j+1)*R + 1]; neighbouring rows share one symbol
+        matrix = tokens.as_strided((rows, self.row_length + 1), (self.row_length, 1))
+        self.rows = matrix[rank * batch_size : (rank + 1) * batch_size]
+        self.chunk_length = chunk_length
+        self.continue_time = continue_time
+        self.drop_last = drop_last
+        self.tag = tag
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.row_length, self.chunk_length)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __iter__(self) -> Iterator[TextBatch]:
+        info = get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise RuntimeError(
+                f"a stateful stream must be read by one process, but the DataLoader has {info.num_workers} workers; "
+                "set data.init_args.num_workers to 0 or 1"
+            )
+        L = self.chunk_length
+        for k in range(len(self)):
+            start = k * L
+            stop = min(start + L, self.row_length)
+            inputs = self.rows[:, start:stop].long()  # (B, L)
+            targets = self.rows[:, start + 1 : stop + 1].long()
+            yield TextBatch(inputs, targets, carry=k > 0, start_step=start if self.continue_time else 0, tag=self.tag)
+
+
+# ------------------------------------------------------------------------------------------------------ DataModules
+
+
+def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} (data.init_args.{name}) must be an integer >= {minimum}, got {value!r}")
+
+
+class CharCorpus(SequenceDataModule):
+    """Base DataModule of character-level language modelling.
+
+    Subclasses say where the data comes from: :meth:`read_splits` returns the three splits as symbol bytes, and
+    :meth:`download_corpus` fetches and verifies the files (``download=True``). A fixed alphabet is declared in the
+    class attribute ``symbols``; without one the vocabulary is the sorted set of the training split's characters.
+    Sizes for the model: ``input_size = output_size = len(vocabulary)`` (one-hot inputs, softmax outputs) and
+    ``max_steps = seq_length``.
+
+    Args:
+        data_dir: folder holding the corpus files.
+        download: in ``prepare_data``, download and verify the corpus if it is missing or fails its checks.
+        seq_length: training sequence length L (100 for PTB, 180 for text8 in the paper).
+        batch_size: training batch (streams per rank in stateful mode).
+        eval_batch_size: validation / test batch (examples or streams); None: ``batch_size``.
+        mode: ``"paper"`` or ``"stateful"`` (see the module docstring).
+        test_protocol: ``"examples"``, ``"full"`` or ``"sweep"`` (see the module docstring).
+        full_chunk_length: steps per batch of the full-test protocol (memory, not the result, depends on it).
+        sweep_lengths: test subsequence lengths of the sweep protocol.
+        prime: ``predict`` starts every sample from this text (in the corpus's alphabet); None: ``default_prime``.
+        sample_length: symbols to sample after the prime.
+        num_samples: samples drawn (one batch).
+        temperature: softmax temperature of sampling (> 0; lower is more conservative).
+        num_workers: DataLoader workers (at most 1 for stateful streams).
+        pin_memory: page-locked batches for faster host-to-GPU copies.
+        seed: seeds the per-epoch offsets and shuffles of paper mode.
+    """
+
+    symbols: ClassVar[str | None] = None
+    default_prime: ClassVar[str] = "\n"
+
+    def __init__(
+        self,
+        data_dir: str,
+        download: bool = False,
+        seq_length: int = 100,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        mode: Mode = "paper",
+        test_protocol: TestProtocol = "examples",
+        full_chunk_length: int = 1000,
+        sweep_lengths: Sequence[int] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
+        prime: str | None = None,
+        sample_length: int = 200,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("seq_length", seq_length),
+            ("batch_size", batch_size),
+            ("full_chunk_length", full_chunk_length),
+            ("sample_length", sample_length),
+            ("num_samples", num_samples),
+        ):
+            _check_positive(name, value)
+        if eval_batch_size is not None:
+            _check_positive("eval_batch_size", eval_batch_size)
+        _check_positive("num_workers", num_workers, 0)
+        _check_positive("seed", seed, 0)
+        if mode not in ("paper", "stateful"):
+            raise ValueError(f"mode (data.init_args.mode) must be 'paper' or 'stateful', got {mode!r}")
+        if test_protocol not in ("examples", "full", "sweep"):
+            raise ValueError(
+                f"test_protocol (data.init_args.test_protocol) must be 'examples', 'full' or 'sweep', got "
+                f"{test_protocol!r}"
+            )
+        sweep_lengths = list(sweep_lengths)
+        if not sweep_lengths:
+            raise ValueError("sweep_lengths (data.init_args.sweep_lengths) must name at least one length")
+        for value in sweep_lengths:
+            _check_positive("sweep_lengths", value)
+        if not temperature > 0:
+            raise ValueError(f"temperature (data.init_args.temperature) must be positive, got {temperature}")
+        if mode == "stateful" and num_workers > 1:
+            raise ValueError(
+                f"num_workers (data.init_args.num_workers) must be 0 or 1 with mode='stateful' (each stream is read "
+                f"in order by one process), got {num_workers}"
+            )
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser()
+        self.download = download
+        self.seq_length = seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.mode = mode
+        self.test_protocol = test_protocol
+        self.full_chunk_length = full_chunk_length
+        self.sweep_lengths = sweep_lengths
+        self.prime = self.default_prime if prime is None else prime
+        self.sample_length = sample_length
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.splits: dict[str, Tensor] = {}  # split -> uint8 (N,) symbol ids
+        self._vocabulary: CharVocabulary | None = None
+
+    # ---- what a subclass says ------------------------------------------------------------------------------------
+    def read_splits(self) -> dict[str, np.ndarray]:
+        """The corpus as symbol bytes: ``{"train": uint8 (N,), "valid": ..., "test": ...}``, checked.
+
+        Raises FileNotFoundError / ValueError / RuntimeError naming the file when data is missing or corrupt.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define read_splits()")
+
+    def corpus_ready(self) -> bool:
+        """Cheap check run by ``prepare_data``: are the files present (and verified where that is cheap)?"""
+        return True
+
+    def download_corpus(self) -> None:
+        """Fetch and verify the corpus into ``data_dir`` (``download=True``, rank 0 only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no download source; put the files in {self.data_dir}")
+
+    def source_of(self, split: str) -> str:
+        """Where a split comes from, for error messages (a file name where there is one)."""
+        return f"{type(self).__name__} {split} split"
+
+    def text_to_corpus(self, text: str) -> str:
+        """How free text (the sampling prime) is written in this corpus's alphabet (identity by default)."""
+        return text
+
+    def corpus_to_text(self, text: str) -> str:
+        """How sampled symbols read as free text (identity by default)."""
+        return text
+
+    # ---- sizes ---------------------------------------------------------------------------------------------------
+    @property
+    def vocabulary(self) -> CharVocabulary:
+        if self._vocabulary is None:
+            if self.symbols is not None:
+                self._vocabulary = CharVocabulary(self.symbols)
+            else:  # derived from the data: the training split must be readable now (the CLI asks at instantiation)
+                train = self.read_splits()["train"]
+                self._vocabulary = CharVocabulary([chr(b) for b in np.flatnonzero(np.bincount(train, minlength=256))])
+        return self._vocabulary
+
+    @property
+    def input_size(self) -> int:
+        return len(self.vocabulary)
+
+    @property
+    def output_size(self) -> int:
+        return len(self.vocabulary)
+
+    @property
+    def max_steps(self) -> int:
+        return self.seq_length
+
+    # ---- Lightning hooks -----------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.download and not self.corpus_ready():
+            self.download_corpus()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, check and encode the three splits (first call; later calls reuse them)."""
+        if self.splits:
+            return
+        raw = self.read_splits()
+        missing = [s for s in SPLITS if s not in raw]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}.read_splits() returned no {', '.join(missing)} split")
+        vocabulary = self.vocabulary
+        splits = {name: vocabulary.encode_bytes(raw[name], self.source_of(name)) for name in SPLITS}
+        for name, tokens in splits.items():
+            if len(tokens) < self.seq_length + 1:
+                raise ValueError(
+                    f"the {name} split of {type(self).__name__} has {len(tokens)} symbols, too few for one example of "
+                    f"seq_length={self.seq_length} (data.init_args.seq_length) plus its target; use a shorter "
+                    "seq_length or a larger corpus"
+                )
+        self.splits = splits
+        log.info(
+            "%s: %s symbols (train/valid/test), vocabulary of %d",
+            type(self).__name__,
+            "/".join(str(len(splits[s])) for s in SPLITS),
+            len(vocabulary),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vocabulary": "".join(self.vocabulary.symbols)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a checkpoint was trained with this DataModule's vocabulary (ids would mean other characters)."""
+        saved = state_dict.get("vocabulary")
+        if saved is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: no 'vocabulary' in the state (keys: {sorted(state_dict)}); "
+                f"the checkpoint was not written by a character-corpus DataModule"
+            )
+        if saved != "".join(self.vocabulary.symbols):
+            raise ValueError(
+                f"the checkpoint was trained with the vocabulary {saved!r} ({len(saved)} symbols), but "
+                f"{type(self).__name__} has {''.join(self.vocabulary.symbols)!r} ({len(self.vocabulary)}); symbol ids "
+                "would mean other characters"
+            )
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+    def _split(self, name: str, stage: str) -> Tensor:
+        if name not in self.splits:
+            raise RuntimeError(f"{type(self).__name__}: data not loaded; call setup({stage!r}) first")
+        return self.splits[name]
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _examples(self, tokens: Tensor, length: int, batch_size: int, train: bool, tag: str = "") -> DataLoader:
+        sampler = ExampleStarts(len(tokens), length, random_offset=train, seed=self.seed)
+        if len(sampler) < (batch_size if train else 1):
+            raise ValueError(
+                f"a split of {len(tokens)} symbols gives {len(sampler)} examples of length {length}, fewer than one "
+                f"batch of {batch_size}; use a smaller batch_size or seq_length"
+            )
+        return DataLoader(
+            ExampleDataset(tokens, length),
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=train,  # training: no small tail batch (batch statistics need >= 2 sequences)
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=ExampleCollate(tag),
+        )
+
+    def _stream(
+        self, tokens: Tensor, batch_size: int, length: int, train: bool, continue_time: bool = False, tag: str = ""
+    ) -> DataLoader:
+        rank, world = self._rank_world()
+        stream = TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, tag=tag)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        tokens = self._split("train", "fit")
+        if self.mode == "stateful":
+            return self._stream(tokens, self.batch_size, self.seq_length, train=True)
+        return self._examples(tokens, self.seq_length, self.batch_size, train=True)
+
+    def _evaluation(self, split: str, stage: str) -> DataLoader:
+        tokens = self._split(split, stage)
+        if self.mode == "stateful":
+            return self._stream(tokens, self.eval_batch_size, self.seq_length, train=False)
+        return self._examples(tokens, self.seq_length, self.eval_batch_size, train=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._evaluation("valid", "fit")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.test_protocol == "full":
+            tokens = self._split("test", "test")
+            return self._stream(tokens, 1, self.full_chunk_length, train=False, continue_time=True, tag="full")
+        if self.test_protocol == "sweep":
+            tokens = self._split("test", "test")
+            return [
+                self._examples(tokens, L, self.eval_batch_size, train=False, tag=f"L{L}") for L in self.sweep_lengths
+            ]
+        return self._evaluation("test", "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        vocabulary = self.vocabulary
+        prime = vocabulary.encode(self.text_to_corpus(self.prime), "prime (data.init_args.prime)")
+        if prime.numel() == 0:
+            raise ValueError("prime (data.init_args.prime) must hold at least one character to start sampling from")
+        request = SampleRequest(
+            prime.expand(self.num_samples, -1).clone(), self.sample_length, self.temperature, vocabulary
+        )
+        return DataLoader(cast(Dataset[SampleRequest], [request]), batch_size=None)  # one batch: the request
+
+
+# ------------------------------------------------------------------------------------------------------ PTB
+
+
+#: File name -> md5 (../shared/data/SOURCES.md, section 2).
+PTB_CHAR_FILES: dict[str, str] = {
+    "ptb.char.train.txt": "874909f99060142f6b88cc74c34baaa2",
+    "ptb.char.valid.txt": "9e0fe5bec2a8bf43fd686dc23d5ab8bb",
+    "ptb.char.test.txt": "1f9a2d1afe00f76e8bfbe09a65439681",
+}
+PTB_WORD_FILES: dict[str, str] = {
+    "ptb.train.txt": "f26c4b92c5fdc7b3f8c7cdcb991d8420",
+    "ptb.valid.txt": "aa0affc06ff7c36e977d7cd49e3839bf",
+    "ptb.test.txt": "8b80168b89c18661a38ef683c0dc3721",
+}
+PTB_CHAR_FILES_BY_SPLIT = dict(zip(SPLITS, PTB_CHAR_FILES, strict=True))
+PTB_WORD_FILES_BY_SPLIT = dict(zip(SPLITS, PTB_WORD_FILES, strict=True))
+#: Mikolov's "simple-examples" archive, holding both sets under simple-examples/data/.
+PTB_ARCHIVE = "simple-examples.tgz"
+PTB_MIRRORS: tuple[str, ...] = ("http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",)
+
+
+class PTBChar(CharCorpus):
+    """Penn Treebank characters, Mikolov's split: 50 symbols (49 characters, ``_`` between words, and end of line).
+
+    Reads ``ptb.char.{train,valid,test}.txt`` from ``data_dir``; where a character file is absent it derives the
+    same symbols exactly from the word-level ``ptb.{train,valid,test}.txt``. Every file's md5 is checked.
+    ``download=True`` fetches Mikolov's ``simple-examples.tgz`` and extracts only these six files (each checked
+    against its md5, never written outside ``data_dir``). Splits: 5,017,482 / 393,042 / 442,423 symbols.
+
+    Sampling primes are written as free text: spaces become ``_``, as in the corpus.
+    """
+
+    symbols = PTB_SYMBOLS
+    default_prime = "\n"
+    mirrors: tuple[str, ...] = PTB_MIRRORS
+
+    def __init__(self, data_dir: str = "data/ptb", **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
+
+    def text_to_corpus(self, text: str) -> str:
+        return text.replace(" ", "_")
+
+    def corpus_to_text(self, text: str) -> str:
+        return text.replace("_", " ")
+
+    def source_of(self, split: str) -> str:
+        char, word = (PTB_CHAR_FILES_BY_SPLIT[split], PTB_WORD_FILES_BY_SPLIT[split])
+        name = char if (self.data_dir / char).is_file() else word
+        return f"{self.data_dir / name} ({split} split)"
+
+    def _has(self, name: str, md5: str) -> bool:
+        return check_file(self.data_dir / name, md5)
+
+    def corpus_ready(self) -> bool:
+        return all(
+            self._has(char, PTB_CHAR_FILES[char]) or self._has(word, PTB_WORD_FILES[word])
+            for char, word in zip(PTB_CHAR_FILES, PTB_WORD_FILES, strict=True)
+        )
+
+    def read_splits(self) -> dict[str, np.ndarray]:
+        splits = {}
+        for split, char, word in zip(SPLITS, PTB_CHAR_FILES, PTB_WORD_FILES, strict=True):
+            char_path, word_path = self.data_dir / char, self.data_dir / word
+            if char_path.is_file():
+                self._verify(char_path, PTB_CHAR_FILES[char])
+                splits[split] = read_ptb_char_file(char_path)
+            elif word_path.is_file():
+                self._verify(word_path, PTB_WORD_FILES[word])
+                log.info("PTBChar: %s not found, deriving the %s split from %s", char, split, word)
+                splits[split] = read_ptb_word_file(word_path)
+            else:
+                raise FileNotFoundError(
+                    f"PTBChar: neither {char} nor {word} is in {self.data_dir.resolve()}. Put Mikolov's PTB files "
+                    "there, or set data.init_args.download=true (download=True) to download them."
+                )
+        return splits
+
+    def _verify(self, path: Path, md5: str) -> None:
+        actual = file_md5(path)
+        if actual != md5:
+            size = path.stat().st_size
+            raise RuntimeError(
+                f"{path} is corrupt, truncated or not the Mikolov file: its md5 is {actual} ({size} bytes), expected "
+                f"{md5}. Delete it and put the original there, or set data.init_args.download=true (download=True)."
+            )
+
+    def download_corpus(self) -> None:
+        archive = self.data_dir / PTB_ARCHIVE
+        wanted = {**PTB_CHAR_FILES, **PTB_WORD_FILES}
+        download_url(list(self.mirrors), archive, md5=None, check=lambda path: _check_ptb_archive(path, wanted))
+        extract_members(
+            archive, {f"simple-examples/data/{name}": (self.data_dir / name, md5) for name, md5 in wanted.items()}
+        )
+
+
+def _check_ptb_archive(path: Path, wanted: dict[str, str]) -> None:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = {_member_name(m) for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"not a readable tar archive ({err})") from err
+    missing = [n for n in wanted if f"simple-examples/data/{n}" not in names]
+    if missing:
+        raise ValueError(f"the archive lacks {', '.join(missing)} under simple-examples/data/")
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def extract_members(archive: str | os.PathLike[str], members: dict[str, tuple[Path, str]]) -> None:
+    """Extract regular-file members of a tar archive to chosen paths, each checked against its md5.
+
+    ``members`` maps a member name (a leading ``./`` is ignored) to ``(destination, md5)``. Only those members are
+    read, their names never become paths (no traversal), links and devices are refused, and each file is written to
+    a temporary name and renamed into place after its md5 matched, so a failure leaves no partial file.
+    """
+    archive = Path(archive)
+    with tarfile.open(archive, "r:*") as tar:
+        by_name = {_member_name(m): m for m in tar.getmembers()}
+        for name, (dest, md5) in members.items():
+            member = by_name.get(name)
+            if member is None or not member.isfile():
+                what = "missing" if member is None else "not a regular file"
+                raise RuntimeError(f"{archive}: member {name} is {what}")
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                with source, open(tmp, "xb") as out:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+                actual = file_md5(tmp)
+                if actual != md5:
+                    raise RuntimeError(f"{archive}: member {name} has md5 {actual}, expected {md5}")
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------ text8
+
+
+TEXT8_ARCHIVE = "text8.zip"
+TEXT8_MIRRORS: tuple[str, ...] = ("http://mattmahoney.net/dc/text8.zip",)
+TEXT8_CRC32 = 0x7D6BE66F
+TEXT8_SIZE = 100_000_000
+
+
+class Text8(CharCorpus):
+    """text8 (Mahoney): the first 10^8 bytes of English Wikipedia, lowercased to ``a-z`` and space; 27 symbols.
+
+    Read straight from the zip, decompressed in chunks into one uint8 array (no Python string of the corpus). Split
+    in proportion ``train_fraction`` / ``valid_fraction`` / the rest, which for the full corpus is the paper's
+    90M / 5M / 5M.
+
+    Args:
+        archive: the zip's file name in ``data_dir``; it must hold exactly one member.
+        check_canonical: require the member to be the canonical text8 (CRC32 0x7d6be66f, 100,000,000 bytes); set it
+            False to use a partial copy such as ``text8_prefix.zip`` (its own CRC is still checked while reading).
+        train_fraction, valid_fraction: split proportions.
+        **kwargs: the arguments of :class:`CharCorpus` (seq_length 180 and batch 128 in the paper).
+    """
+
+    symbols = TEXT8_SYMBOLS
+    default_prime = " "
+    mirrors: tuple[str, ...] = TEXT8_MIRRORS
+
+    def __init__(
+        self,
+        data_dir: str = "data/text8",
+        archive: str = TEXT8_ARCHIVE,
+        check_canonical: bool = True,
+        train_fraction: float = 0.9,
+        valid_fraction: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        if not (0 < train_fraction < 1 and 0 < valid_fraction < 1 and train_fraction + valid_fraction < 1):
+            raise ValueError(
+                "train_fraction and valid_fraction (data.init_args.*) must be in (0, 1) and leave a test split, got "
+                f"{train_fraction} and {valid_fraction}"
+            )
+        super().__init__(data_dir, **kwargs)
+        self.archive = archive
+        self.check_canonical = check_canonical
+        self.train_fraction = train_fraction
+        self.valid_fraction = valid_fraction
+
+    @property
+    def archive_path(self) -> Path:
+        return self.data_dir / self.archive
+
+    def corpus_ready(self) -> bool:
+        try:
+            self._member(self.archive_path)
+        except (OSError, ValueError, RuntimeError):
+            return False
+        return True
+
+    def _member(self, path: Path) -> zipfile.ZipInfo:
+        """The zip's only member, checked against the canonical text8 when ``check_canonical``."""
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Text8: {path.resolve()} does not exist. Put text8.zip there, or set data.init_args.download=true "
+                "(download=True) to download it."
+            )
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+        except zipfile.BadZipFile as err:
+            raise ValueError(f"{path} is not a readable zip file ({err}); it is corrupt or truncated") from err
+        if len(infos) != 1:
+            raise ValueError(f"{path} must hold exactly one member (the corpus), found {len(infos)}")
+        info = infos[0]
+        if self.check_canonical and (info.CRC != TEXT8_CRC32 or info.file_size != TEXT8_SIZE):
+            raise ValueError(
+                f"{path} holds {info.filename!r} with CRC32 0x{info.CRC:08x} and {info.file_size} bytes, not the "
+                f"canonical text8 (CRC32 0x{TEXT8_CRC32:08x}, {TEXT8_SIZE} bytes). For a partial copy set "
+                "data.init_args.check_canonical=false; otherwise delete it and download it again."
+            )
+        if info.file_size == 0:
+            raise ValueError(f"{path}: the member {info.filename!r} is empty")
+        return info
+
+    def download_corpus(self) -> None:
+        download_url(list(self.mirrors), self.archive_path, md5=None, check=self._member)
+
+    def read_splits(self) -> dict[str, np.ndarray]:
+        path = self.archive_path
+        info = self._member(path)
+        data = np.empty(info.file_size, dtype=np.uint8)
+        view = memoryview(data)  # type: ignore[arg-type]  # numpy arrays are buffers
+        filled = 0
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(info) as member:  # the CRC is checked when the end is read
+                while filled < info.file_size and (n := member.readinto(view[filled:])):  # type: ignore[attr-defined]
+                    filled += n
+                if member.read(1):
+                    raise ValueError(f"{path}: member {info.filename!r} is longer than its header says")
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise ValueError(f"{path} is corrupt or truncated: {err}") from err
+        if filled != info.file_size:
+            raise ValueError(f"{path}: member {info.filename!r} ended after {filled} of {info.file_size} bytes")
+        n_train = int(info.file_size * self.train_fraction)
+        n_valid = int(info.file_size * self.valid_fraction)
+        return {
+            "train": data[:n_train],
+            "valid": data[n_train : n_train + n_valid],
+            "test": data[n_train + n_valid :],
+        }
+
+
+# ------------------------------------------------------------------------------------------------------ plain text
+
+
+class TextFiles(CharCorpus):
+    """Any plain-text corpus: three files in ``data_dir``, read as bytes (one symbol per byte, newlines included).
+
+    The vocabulary is the sorted set of the training file's bytes unless ``alphabet`` is given; a validation or
+    test character outside it is an error that names the file and line.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        train_file: str = "train.txt",
+        valid_file: str = "valid.txt",
+        test_file: str = "test.txt",
+        alphabet: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.files = dict(zip(SPLITS, (train_file, valid_file, test_file), strict=True))
+        if alphabet is not None:
+            self._vocabulary = CharVocabulary(alphabet)
+
+    def corpus_ready(self) -> bool:
+        return all((self.data_dir / name).is_file() for name in self.files.values())
+
+    def source_of(self, split: str) -> str:
+        return f"{self.data_dir / self.files[split]} ({split} split)"
+
+    def read_splits(self) -> dict[str, np.ndarray]:
+        return {
+            split: _read_bytes(self.data_dir / name, f"{type(self).__name__} {split} file")
+            for split, name in self.files.items()
+        }

@@ -1,0 +1,75 @@
+"""What every bnlstm_lit task shares: the injected optimizer / LR scheduler and the evaluation-statistics protocol."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+
+from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
+
+EvalStatistics = Literal["population", "batch"]
+
+
+def check_sizes(**sizes: int) -> None:
+    """Raise a ValueError naming ``model.init_args.<name>`` for every size that is not positive."""
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"model.init_args.{name} must be positive, got {value}")
+
+
+class BNLSTMTask(L.LightningModule):
+    """Base LightningModule: optimization and which statistics the BN sites use in validation, test and predict.
+
+    Subclasses build their network and metrics, call ``save_hyperparameters(ignore=["optimizer", "lr_scheduler"])``
+    in their own ``__init__`` and define the steps.
+
+    Args:
+        optimizer: optimizer factory, injected by the CLI (``model.init_args.optimizer``).
+        lr_scheduler: optional LR-scheduler factory; ReduceLROnPlateau monitors ``monitor``.
+        eval_statistics: "population" (the paper's test protocol) or "batch": the statistics every BN site uses
+            in validation, test and predict. The choice is logged at the start of each evaluation.
+        monitor: the metric an LR scheduler such as ReduceLROnPlateau follows.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable,
+        lr_scheduler: LRSchedulerCallable | None,
+        eval_statistics: EvalStatistics,
+        monitor: str,
+    ) -> None:
+        super().__init__()
+        if eval_statistics not in ("population", "batch"):
+            raise ValueError(
+                f"model.init_args.eval_statistics must be 'population' or 'batch', got {eval_statistics!r}"
+            )
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.eval_statistics = eval_statistics
+        self.monitor = monitor
+
+    # ---- evaluation statistics ---------------------------------------------------------------------------------------
+    def _use_eval_statistics(self, stage: str) -> None:
+        set_eval_statistics(self, self.eval_statistics)
+        if batchnorm_sites(self) and not (stage == "validation" and self.trainer.sanity_checking):
+            rank_zero_info(f"[bnlstm_lit] {stage} uses {self.eval_statistics} statistics in every BN site")
+
+    def on_validation_start(self) -> None:
+        self._use_eval_statistics("validation")
+
+    def on_test_start(self) -> None:
+        self._use_eval_statistics("test")
+
+    def on_predict_start(self) -> None:
+        self._use_eval_statistics("predict")
+
+    # ---- optimization -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}

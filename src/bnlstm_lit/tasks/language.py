@@ -1,0 +1,220 @@
+"""Character-level language modelling (paper Sec. 5.2-5.3): Penn Treebank characters and text8, in bits per character.
+
+Batches are :class:`~bnlstm_lit.data.TextBatch` (from :class:`~bnlstm_lit.data.CharCorpus`); what a batch says about
+itself decides how it is run:
+
+* ``carry`` -- start from the previous batch's final state of the same loader, detached (stateful mode, and the
+  chunks of the full-test protocol); otherwise from the learned initial state (paper mode);
+* ``start_step`` -- the time index of the first step (the full-test protocol numbers its steps through the whole
+  test split, so steps beyond the trained length use the statistics of step T_max-1);
+* ``tag`` -- the protocol: ``""`` logs ``{split}/bpc``; ``"full"`` logs ``test/bpc_full`` (population statistics,
+  the paper's Table 2); ``"L{n}"`` (the length sweep) logs ``test/bpc_L{n}_population`` and ``test/bpc_L{n}_batch``,
+  each batch run once with each kind of statistics (paper Fig. 3b).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from bnlstm_lit.data.text import SampleRequest, TextBatch
+from bnlstm_lit.metrics import BitsPerCharacter
+from bnlstm_lit.models import CharRNN
+from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
+from bnlstm_lit.nn.cell import RecurrentInit
+from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
+
+State = tuple[Tensor, Tensor]
+
+
+class CharLanguageModel(BNLSTMTask):
+    """Next-character prediction with a (BN-)LSTM: cross-entropy, bits per character per split.
+
+    Logs ``train/loss`` (nats per symbol) and ``{split}/bpc`` (token-weighted, DDP-exact :class:`BitsPerCharacter`),
+    plus the protocol metrics of the module docstring. ``predict`` samples text (:class:`SampleRequest` batches):
+    returns ``{"ids": int64 (N, length), "text": [N strings]}`` and prints the samples.
+
+    Args:
+        input_size: vocabulary size of the one-hot inputs (linked from the DataModule).
+        output_size: vocabulary size of the softmax (linked from the DataModule).
+        max_steps: the training sequence length: steps with their own BN statistics (linked from the DataModule).
+        hidden_size: LSTM units (1000 for PTB, 2000 for text8 in the paper).
+        num_layers: stacked LSTM layers.
+        normalize: True for the BN-LSTM, False for the LSTM baseline.
+        gamma_init: initial γ of every BN site (0.1).
+        momentum: running-average rate of the per-step statistics (0.05 for language modelling in the original code).
+        recurrent_init: "orthogonal" (the paper's language models) or "identity_g".
+        dropout: between stacked layers.
+        sweep_statistics: the statistics the length-sweep protocol evaluates with (each logged under its name).
+        optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        max_steps: int,
+        hidden_size: int = 1000,
+        num_layers: int = 1,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        momentum: float | None = 0.05,
+        recurrent_init: RecurrentInit = "orthogonal",
+        dropout: float = 0.0,
+        sweep_statistics: list[EvalStatistics] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        eval_statistics: EvalStatistics = "population",
+        monitor: str = "val/bpc",
+    ) -> None:
+        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
+        super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
+        sweep_statistics = ["population", "batch"] if sweep_statistics is None else list(sweep_statistics)
+        if not sweep_statistics or any(s not in ("population", "batch") for s in sweep_statistics):
+            raise ValueError(
+                f"model.init_args.sweep_statistics must list 'population' and/or 'batch', got {sweep_statistics!r}"
+            )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.sweep_statistics = sweep_statistics
+        self.net = CharRNN(
+            input_size,
+            output_size,
+            max_steps,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            normalize=normalize,
+            gamma_init=gamma_init,
+            momentum=momentum,
+            recurrent_init=recurrent_init,
+            dropout=dropout,
+        )
+        # one metric object per split and protocol: their states must never mix
+        self.train_bpc = BitsPerCharacter()
+        self.val_bpc = BitsPerCharacter()
+        self.test_bpc = BitsPerCharacter()
+        self.protocol_metrics = nn.ModuleDict()  # test/bpc_full, test/bpc_L100_population, ... made when first met
+        self._states: dict[str, State | None] = {}  # final state of the last batch per loader (detached)
+
+    def forward(self, tokens: Tensor, state: State | None = None, start_step: int = 0) -> tuple[Tensor, State]:
+        """tokens int64 (B, T) -> logits (B, T, V) and the final state."""
+        return self.net(tokens, state, start_step)
+
+    # ---- running a batch ---------------------------------------------------------------------------------------------
+    def _run(self, batch: TextBatch, stream: str) -> Tensor:
+        """Logits (B, T, V) of a batch, from the carried state of ``stream`` when the batch continues it."""
+        if not isinstance(batch, TextBatch):
+            raise TypeError(
+                f"{type(self).__name__} expects TextBatch batches (a CharCorpus DataModule), got {type(batch).__name__}"
+            )
+        state = None
+        if batch.carry:
+            state = self._states.get(stream)
+            if state is None or state[0].shape[1] != batch.inputs.shape[0]:
+                rank_zero_warn(
+                    f"a {stream} batch continues a stream whose state is unknown (resumed mid-epoch?); it starts from "
+                    "the learned initial state"
+                )
+                state = None
+        logits, (h, c) = self(batch.inputs, state, batch.start_step)
+        self._states[stream] = (h.detach(), c.detach())
+        return logits
+
+    def statistics_forward(self, batch: TextBatch) -> None:
+        """How :class:`~bnlstm_lit.callbacks.PopulationStatistics` runs a training batch (streams keep their state)."""
+        self._run(batch, "statistics")
+
+    def training_step(self, batch: TextBatch, batch_idx: int) -> Tensor:
+        logits = self._run(batch, "train")
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())  # nats per symbol
+        self.train_bpc.update(logits.detach(), batch.targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.targets.numel())
+        self.log("train/bpc", self.train_bpc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: TextBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: TextBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: TextBatch, split: str) -> None:
+        if batch.tag == "":
+            logits = self._run(batch, split)
+            metric: BitsPerCharacter = getattr(self, f"{split}_bpc")
+            metric.update(logits, batch.targets)
+            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+            self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch.targets.numel(), sync_dist=True)
+            self.log(f"{split}/bpc", metric, prog_bar=True)
+        elif batch.tag == "full":
+            # batch 1 through the whole split: only population statistics exist for it
+            with _statistics(self, "population"):
+                logits = self._run(batch, f"{split}_full")
+            self._log_protocol(f"{split}/bpc_full", logits, batch.targets)
+        else:
+            # the length sweep: every batch with each kind of statistics (the LSTM has none: one pass serves all)
+            has_bn = bool(batchnorm_sites(self))
+            logits = None
+            for statistics in self.sweep_statistics:
+                if has_bn or logits is None:
+                    with _statistics(self, statistics):
+                        logits = self._run(batch, f"{split}_{batch.tag}")
+                self._log_protocol(f"{split}/bpc_{batch.tag}_{statistics}", logits, batch.targets)
+
+    def _log_protocol(self, name: str, logits: Tensor, targets: Tensor) -> None:
+        key = name.replace("/", "_")
+        if key not in self.protocol_metrics:
+            self.protocol_metrics[key] = BitsPerCharacter().to(self.device)
+        metric = self.protocol_metrics[key]
+        assert isinstance(metric, BitsPerCharacter)
+        metric.update(logits, targets)
+        self.log(name, metric, metric_attribute=f"protocol_metrics.{key}", add_dataloader_idx=False)
+
+    # ---- sampling ----------------------------------------------------------------------------------------------------
+    def predict_step(self, batch: SampleRequest, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not isinstance(batch, SampleRequest):
+            raise TypeError(f"{type(self).__name__}.predict expects SampleRequest batches, got {type(batch).__name__}")
+        with _statistics(self, "population"):  # one symbol per step: no batch statistics to speak of
+            ids = self.sample(batch.prime, batch.length, batch.temperature)
+        texts = [batch.vocabulary.decode(row) for row in ids]
+        prime = batch.vocabulary.decode(batch.prime[0])
+        for k, text in enumerate(texts):
+            rank_zero_info(f"[bnlstm_lit] sample {k} (temperature {batch.temperature}):\n{prime}{text}")
+        return {"ids": ids, "text": texts}
+
+    @torch.no_grad()
+    def sample(self, prime: Tensor, length: int, temperature: float = 1.0) -> Tensor:
+        """Draw ``length`` symbols after ``prime`` (int64 (N, P)) from softmax(logits / temperature): int64 (N, length).
+
+        The prime is read in one pass from the learned initial state; then one step per symbol, the state carried
+        and the time index continued (BN statistics of step T_max-1 beyond the trained length).
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        logits, state = self(prime)
+        step = prime.shape[1]
+        drawn = []
+        for _ in range(length):
+            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)  # (N, V)
+            symbol = torch.multinomial(probs, 1)  # (N, 1)
+            drawn.append(symbol)
+            logits, state = self(symbol, state, step)
+            step += 1
+        return torch.cat(drawn, dim=1)
+
+
+class _statistics:
+    """Context: every BN site of ``module`` evaluates with ``mode`` statistics, then with the task's own again."""
+
+    def __init__(self, module: BNLSTMTask, mode: EvalStatistics) -> None:
+        self.module, self.mode = module, mode
+
+    def __enter__(self) -> None:
+        set_eval_statistics(self.module, self.mode)
+
+    def __exit__(self, *exc: object) -> None:
+        set_eval_statistics(self.module, self.module.eval_statistics)
