@@ -215,6 +215,84 @@ def test_validate_test_predict_from_a_checkpoint(
         assert torch.isfinite(predictions).all()
 
 
+# ------------------------------------------------------------------------------------- character language models
+
+
+@pytest.mark.filterwarnings(RELOAD_WARNING)
+@pytest.mark.parametrize("config_name", ["ptb_bnlstm.yaml", "text8_lstm.yaml"])
+def test_language_model_test_protocols_and_sampling_from_a_checkpoint(
+    config_name: str, fitted: Callable, request: pytest.FixtureRequest, tmp_path: Path, in_tmp_path: Path
+) -> None:
+    """The paper's test protocols and sampling, each through the CLI from a fitted checkpoint on the real corpus."""
+    config = CONFIGS / config_name
+    fit_cli, ckpt = fitted(config)
+    has_bn = bool(batchnorm_sites(fit_cli.model))
+
+    # 1. the whole test split as one sequence (bounded here by limit_test_batches: 2 chunks of 50 steps, batch 1)
+    full = run(
+        "test",
+        config,
+        tmp_path / "full",
+        f"--ckpt_path={ckpt}",
+        "--data.init_args.full_chunk_length=50",
+        request=request,
+    )
+    metrics = full.trainer.callback_metrics
+    assert set(metrics) == {"test/bpc_full"}
+    assert 0.0 < float(metrics["test/bpc_full"]) < 8.0
+    assert full.trainer.num_test_batches == [DEBUG_TRAINER["limit_test_batches"]]
+
+    # 2. the length sweep: one loader per length, each with population and batch statistics
+    sweep = run(
+        "test",
+        config,
+        tmp_path / "sweep",
+        f"--ckpt_path={ckpt}",
+        "--data.init_args.test_protocol=sweep",
+        "--data.init_args.sweep_lengths=[20,45]",
+        request=request,
+    )
+    metrics = sweep.trainer.callback_metrics
+    names = {f"test/bpc_L{n}_{s}" for n in (20, 45) for s in ("population", "batch")}
+    assert set(metrics) == names and all(finite(metrics[name]) for name in names)
+    assert (metrics["test/bpc_L20_population"] != metrics["test/bpc_L20_batch"]) == has_bn
+
+    # 3. sampling: text after a priming string, at a temperature, saved by PredictionWriter
+    pred = run(
+        "predict",
+        config,
+        tmp_path / "predict",
+        f"--ckpt_path={ckpt}",
+        "--data.init_args.prime=the ",
+        "--data.init_args.sample_length=30",
+        "--data.init_args.num_samples=2",
+        "--data.init_args.temperature=0.5",
+        request=request,
+    )
+    samples = torch.load(Path(pred.trainer.log_dir) / "predictions.pt", weights_only=True)
+    assert samples["ids"].shape == (2, 30) and samples["ids"].dtype == torch.long
+    vocabulary = pred.datamodule.vocabulary
+    assert samples["text"] == [vocabulary.decode(row) for row in samples["ids"]]
+
+
+def test_language_model_stateful_mode_fits(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Truncated BPTT from the CLI: contiguous streams, the state carried between training batches."""
+    config = CONFIGS / "ptb_bnlstm.yaml"
+    cli = run(
+        "fit", config, tmp_path, "--data.init_args.mode=stateful", "--data.init_args.seq_length=20", request=request
+    )
+    assert cli.trainer.global_step == DEBUG_TRAINER["limit_train_batches"]
+    assert finite(cli.trainer.callback_metrics["val/bpc"])
+    h, c = cli.model._states["train"]  # the state carried out of the last training batch: detached, batch rows
+    assert not h.requires_grad and h.shape == (1, DEBUG_BATCH, cli.model.hparams["hidden_size"])
+
+
+def test_language_model_rejects_an_unknown_prime_character(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    config = CONFIGS / "text8_lstm.yaml"
+    with pytest.raises(ValueError, match=r"prime \(data.init_args.prime\).*'!'"):
+        run("predict", config, tmp_path, "--data.init_args.prime=hello!", request=request)
+
+
 # --------------------------------------------------------------------------------------------------- permuted MNIST
 
 

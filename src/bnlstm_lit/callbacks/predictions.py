@@ -17,7 +17,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Each rank writes ``predictions.pt`` (``predictions-rank{r}.pt`` under DDP) in ``output_dir`` -- by default the
     run's log directory -- holding the per-batch outputs of ``predict_step`` concatenated along the batch axis
-    (dicts of tensors are concatenated key by key). The file is written to a temporary name and renamed into place,
+    (dicts key by key; lists, such as sampled texts, one after the other). The file is written to a temporary name and renamed into place,
     so an interrupted run never leaves a half-written file.
 
     Args:
@@ -38,7 +38,7 @@ class PredictionWriter(BasePredictionWriter):
         path = folder / name
         tmp = path.with_name(f".{name}.part")
         try:
-            torch.save(_concatenate(predictions), tmp)
+            torch.save(_concatenate(predictions, len(trainer.num_predict_batches) > 1), tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # only left if saving failed
@@ -46,15 +46,21 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"[bnlstm_lit] predictions written to {path}")
 
 
-def _concatenate(batches: list[Any]) -> Any:
-    """Per-batch outputs (tensors, or dicts of tensors) -> one object with the batch axis concatenated."""
-    if batches and isinstance(batches[0], list):  # several predict dataloaders
-        return [_concatenate(b) for b in batches]
+def _concatenate(batches: list[Any], several_dataloaders: bool) -> Any:
+    """Per-batch outputs of ``predict`` -> one object with the batch axis concatenated (a list of such objects, one
+    per dataloader, when there are several)."""
+    return [_join(b) for b in batches] if several_dataloaders else _join(batches)
+
+
+def _join(batches: list[Any]) -> Any:
+    """Tensors are concatenated along dim 0, dicts key by key, lists (e.g. of sampled strings) one after the other."""
     if not batches:
         return batches
     first = batches[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(batches)
     if isinstance(first, dict):
-        return {key: _concatenate([b[key] for b in batches]) for key in first}
+        return {key: _join([b[key] for b in batches]) for key in first}
+    if isinstance(first, list):
+        return [item for batch in batches for item in batch]
     return batches

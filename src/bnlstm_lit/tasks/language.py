@@ -120,6 +120,11 @@ class CharLanguageModel(BNLSTMTask):
                     "the learned initial state"
                 )
                 state = None
+            elif self.training:
+                # The learned initial state takes no part in a continued batch. Under DDP every parameter must reach
+                # the loss, so it enters with weight 0: an exactly zero gradient, the same with 1 or N processes.
+                rnn = self.net.rnn
+                state = (state[0] + 0.0 * rnn.h0[:, None], state[1] + 0.0 * rnn.c0[:, None])
         logits, (h, c) = self(batch.inputs, state, batch.start_step)
         self._states[stream] = (h.detach(), c.detach())
         return logits
