@@ -17,8 +17,8 @@ class PredictionWriter(BasePredictionWriter):
 
     Each rank writes ``predictions.pt`` (``predictions-rank{r}.pt`` under DDP) in ``output_dir`` -- by default the
     run's log directory -- holding the per-batch outputs of ``predict_step`` concatenated along the batch axis
-    (dicts key by key; lists, such as sampled texts, one after the other). The file is written to a temporary name and renamed into place,
-    so an interrupted run never leaves a half-written file.
+    (dicts key by key; lists, such as sampled texts, one after the other). The file is written to a temporary name
+    and renamed into place, so an interrupted run never leaves a half-written file.
 
     Args:
         output_dir: folder for the file (created if needed); None: ``trainer.log_dir``.

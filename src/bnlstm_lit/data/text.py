@@ -33,6 +33,7 @@ import re
 import tarfile
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, cast
@@ -583,7 +584,8 @@ class CharCorpus(SequenceDataModule):
             ExampleDataset(tokens, length),
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=train,  # training: no small tail batch (batch statistics need >= 2 sequences)
+            # training: no small tail batch; evaluation: all but a lone last example (batch statistics need >= 2)
+            drop_last=train or len(sampler) % batch_size == 1,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=ExampleCollate(tag),
@@ -861,6 +863,9 @@ class Text8(CharCorpus):
             raise ValueError(f"{path}: the member {info.filename!r} is empty")
         return info
 
+    def source_of(self, split: str) -> str:
+        return f"{self.archive_path} ({split} split)"
+
     def download_corpus(self) -> None:
         download_url(list(self.mirrors), self.archive_path, md5=None, check=self._member)
 
@@ -876,7 +881,7 @@ class Text8(CharCorpus):
                     filled += n
                 if member.read(1):
                     raise ValueError(f"{path}: member {info.filename!r} is longer than its header says")
-        except (zipfile.BadZipFile, EOFError, OSError) as err:
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
             raise ValueError(f"{path} is corrupt or truncated: {err}") from err
         if filled != info.file_size:
             raise ValueError(f"{path}: member {info.filename!r} ended after {filled} of {info.file_size} bytes")
