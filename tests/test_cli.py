@@ -271,8 +271,8 @@ def test_language_model_test_protocols_and_sampling_from_a_checkpoint(
     )
     samples = torch.load(Path(pred.trainer.log_dir) / "predictions.pt", weights_only=True)
     assert samples["ids"].shape == (2, 30) and samples["ids"].dtype == torch.long
-    vocabulary = pred.datamodule.vocabulary
-    assert samples["text"] == [vocabulary.decode(row) for row in samples["ids"]]
+    vocabulary, readable = pred.datamodule.vocabulary, pred.datamodule.corpus_to_text
+    assert samples["text"] == [readable(vocabulary.decode(row)) for row in samples["ids"]]
 
 
 def test_language_model_stateful_mode_fits(request: pytest.FixtureRequest, tmp_path: Path) -> None:

@@ -32,9 +32,10 @@ import os
 import re
 import tarfile
 import uuid
+import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple, cast
 
@@ -63,6 +64,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Lightning warns about every IterableDataset with __len__ that its length may be wrong with several workers. Ours
+# (TokenStream) refuses several workers, so the length is exact: the warning would only be noise on every run.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 Mode = Literal["paper", "stateful"]
 TestProtocol = Literal["examples", "full", "sweep"]
@@ -208,13 +213,21 @@ class TextBatch(NamedTuple):
     tag: str = ""
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 class SampleRequest(NamedTuple):
-    """What ``predict`` samples: ``length`` symbols after the ``prime`` (int64 (N, P), N samples) at ``temperature``."""
+    """What ``predict`` samples: ``length`` symbols after the ``prime`` (int64 (N, P), N samples) at ``temperature``.
+
+    ``vocabulary`` decodes the ids; ``readable`` turns decoded corpus symbols into free text (PTB: ``_`` -> space).
+    """
 
     prime: Tensor
     length: int
     temperature: float
     vocabulary: CharVocabulary
+    readable: Callable[[str], str] = _as_is
 
 
 class ExampleDataset(Dataset[Tensor]):
@@ -352,6 +365,10 @@ class TokenStream(IterableDataset[TextBatch]):
             inputs = self.rows[:, start:stop].long()  # (B, L)
             targets = self.rows[:, start + 1 : stop + 1].long()
             yield TextBatch(inputs, targets, carry=k > 0, start_step=start if self.continue_time else 0, tag=self.tag)
+
+
+def _only_item(items: list[SampleRequest]) -> SampleRequest:
+    return items[0]
 
 
 # ------------------------------------------------------------------------------------------------------ DataModules
@@ -615,8 +632,12 @@ class CharCorpus(SequenceDataModule):
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.test_protocol == "full":
-            tokens = self._split("test", "test")
-            return self._stream(tokens, 1, self.full_chunk_length, train=False, continue_time=True, tag="full")
+            # One sequence cannot be shared out: under DDP every rank reads all of it (same value, no speed-up),
+            # rather than each rank a piece started afresh from the initial state, which would change the number.
+            stream = TokenStream(
+                self._split("test", "test"), 1, self.full_chunk_length, continue_time=True, drop_last=False, tag="full"
+            )
+            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.test_protocol == "sweep":
             tokens = self._split("test", "test")
             return [
@@ -630,9 +651,14 @@ class CharCorpus(SequenceDataModule):
         if prime.numel() == 0:
             raise ValueError("prime (data.init_args.prime) must hold at least one character to start sampling from")
         request = SampleRequest(
-            prime.expand(self.num_samples, -1).clone(), self.sample_length, self.temperature, vocabulary
+            prime.expand(self.num_samples, -1).clone(),
+            self.sample_length,
+            self.temperature,
+            vocabulary,
+            self.corpus_to_text,
         )
-        return DataLoader(cast(Dataset[SampleRequest], [request]), batch_size=None)  # one batch: the request
+        # one batch: the request itself (batch_size 1 and an unwrapping collate, so Lightning sees a batch sampler)
+        return DataLoader(cast(Dataset[SampleRequest], [request]), batch_size=1, collate_fn=_only_item)
 
 
 # ------------------------------------------------------------------------------------------------------ PTB

@@ -185,8 +185,8 @@ class CharLanguageModel(BNLSTMTask):
             raise TypeError(f"{type(self).__name__}.predict expects SampleRequest batches, got {type(batch).__name__}")
         with _statistics(self, "population"):  # one symbol per step: no batch statistics to speak of
             ids = self.sample(batch.prime, batch.length, batch.temperature)
-        texts = [batch.vocabulary.decode(row) for row in ids]
-        prime = batch.vocabulary.decode(batch.prime[0])
+        texts = [batch.readable(batch.vocabulary.decode(row)) for row in ids]
+        prime = batch.readable(batch.vocabulary.decode(batch.prime[0]))
         for k, text in enumerate(texts):
             rank_zero_info(f"[bnlstm_lit] sample {k} (temperature {batch.temperature}):\n{prime}{text}")
         return {"ids": ids, "text": texts}
