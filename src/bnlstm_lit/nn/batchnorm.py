@@ -130,18 +130,8 @@ class SequenceBatchNorm(nn.Module):
             return self._normalize(x, t, mask)
         raise ValueError(f"SequenceBatchNorm expects a (B, C) step or a (T, B, C) sequence, got shape {tuple(x.shape)}")
 
-    # ------------------------------------------------------------------------------------------------------------
-    def _normalize(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:  # x: (T, B, C), mask: (T, B)
-        T, B, C = x.shape
-        if C != self.num_features:
-            raise ValueError(f"SequenceBatchNorm: expected {self.num_features} features, got {C}")
-        use_batch = self.training or self.eval_statistics == "batch"
-        if not use_batch:
-            mean, var = self._population(start, T)
-            if T == 1:  # one fused kernel for the common case, a step of the time loop
-                y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
-                return y.unsqueeze(0)
-            return self._normalize_with(x, mean, var)
+    def check_batch_statistics(self, start: int, T: int, B: int) -> None:
+        """Raise a clear error where batch statistics cannot be computed or kept for steps start … start+T-1."""
         if self.training and start + T > self.max_steps:
             raise ValueError(
                 f"time step {start + T - 1} reached in training, but population statistics are kept for "
@@ -154,6 +144,20 @@ class SequenceBatchNorm(nn.Module):
                 f"batch of size {B} in {'training' if self.training else 'batch-statistics evaluation'}; use a "
                 f"larger batch (or drop_last=True), or evaluate with population statistics"
             )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _normalize(self, x: Tensor, start: int, mask: Tensor | None) -> Tensor:  # x: (T, B, C), mask: (T, B)
+        T, B, C = x.shape
+        if C != self.num_features:
+            raise ValueError(f"SequenceBatchNorm: expected {self.num_features} features, got {C}")
+        use_batch = self.training or self.eval_statistics == "batch"
+        if not use_batch:
+            mean, var = self._population(start, T)
+            if T == 1:  # one fused kernel for the common case, a step of the time loop
+                y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
+                return y.unsqueeze(0)
+            return self._normalize_with(x, mean, var)
+        self.check_batch_statistics(start, T, B)
         if mask is None:
             y, mean, var = self._batch_norm_unmasked(x)
             valid = None
