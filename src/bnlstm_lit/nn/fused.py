@@ -169,6 +169,11 @@ class _BNLSTMRecurrence(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_h_all: Tensor | None, grad_c_last: Tensor | None, *unused: Any
     ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
+                "Hessian-vector products); use BNLSTM(fused=False) for that"
+            )
         if ctx.consumed:
             raise RuntimeError(
                 "the fused BN-LSTM recurrence reuses its saved buffers in backward, so its graph can be backpropagated "
