@@ -1,6 +1,6 @@
 """The fast paths of BNLSTM (``bnlstm_lit.nn.fused``) equal the reference loop: outputs, every gradient, statistics.
 
-``fused=True`` (the default) runs the training-mode BN-LSTM recurrence as one autograd Function with a hand-written
+``fused=True`` runs the training-mode BN-LSTM recurrence as one autograd Function with a hand-written
 backward and the plain LSTM through torch's fused kernel; ``fused=False`` always runs the readable reference loop
 (itself tested against SPEC §1 in test_bnlstm.py). Each test builds one model, deep-copies it, switches the copy to
 ``fused=False`` and compares the two.
@@ -58,6 +58,7 @@ def _model(I, H, L, max_steps, dtype=torch.float64, momentum=0.1, seed=0, **kw) 
     """A BNLSTM with every parameter (h0, c0, γ, β, b, weights) moved away from its init and random running
     statistics with random batch counts per step (so momentum 0.1 and None accumulate differently)."""
     torch.manual_seed(seed)
+    kw.setdefault("fused", True)  # always the fast path (the default, None, picks it only for large steps)
     model = BNLSTM(I, H, num_layers=L, max_steps=max_steps, momentum=momentum, **kw).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -169,7 +170,7 @@ def test_fused_training_equals_reference_float64(case, momentum):
     max_steps = start + T + 3  # rows beyond start + T must stay untouched
     fused = _model(I, H, L, max_steps, momentum=momentum, seed=CASES.index(case))
     ref = _reference_copy(fused)
-    assert fused.fused and not ref.fused
+    assert fused.fused is True and ref.fused is False
     before = _buffers(fused)
     for step in range(2):
         x, state, weights = _data(case, torch.float64, seed=10 + step)
@@ -600,3 +601,22 @@ def test_compile_steps_equals_eager_fused():
             torch.testing.assert_close(res_c[key], res_e[key], rtol=1e-5, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
         _assert_buffers_equal(_buffers(compiled), _buffers(eager), {"rtol": 1e-5, "atol": 1e-5})
         _sgd_step_from(eager, compiled)
+
+
+def test_default_fuses_only_large_steps(monkeypatch):
+    """fused=None (the default) runs the fused recurrence from FUSED_MIN_STEP_SIZE elements per step, the reference
+    loop below (where it was measured faster), and the fused one whenever compile_steps asks for it."""
+    import bnlstm_lit.nn.layer as layer
+
+    calls = []
+    real = layer.fused_recurrence
+    monkeypatch.setattr(layer, "fused_recurrence", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(3, 4, 2)  # B=4, H=5: 80 elements per step
+    BNLSTM(2, 5, max_steps=3)(x)
+    assert calls == []
+    monkeypatch.setattr(layer, "FUSED_MIN_STEP_SIZE", 80)
+    BNLSTM(2, 5, max_steps=3)(x)
+    assert calls == [(3, 4, 20)]
+    monkeypatch.setattr(layer, "FUSED_MIN_STEP_SIZE", 81)
+    BNLSTM(2, 5, max_steps=3, fused=True)(x)
+    assert len(calls) == 2
