@@ -92,13 +92,7 @@ def _naive(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
 
 @register("bnlstm")
 def _bnlstm(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
-    # the default (fused=None): the fused recurrence for large steps, the reference loop for small ones
-    return BNLSTM(input_size, hidden_size, max_steps=max_steps)
-
-
-@register("bnlstm_fused")
-def _bnlstm_fused(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
-    return BNLSTM(input_size, hidden_size, max_steps=max_steps, fused=True)  # the fused recurrence, eager steps
+    return BNLSTM(input_size, hidden_size, max_steps=max_steps)  # the default: the fused recurrence, eager steps
 
 
 @register("bnlstm_compiled")

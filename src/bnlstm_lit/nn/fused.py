@@ -14,6 +14,7 @@ Both compute exactly what the reference path computes (tested against it: output
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -92,6 +93,10 @@ def _backward_step(
 
 _compiled: dict[str, Any] = {}
 
+#: Steps per chunk: the recurrence runs chunk by chunk, each chunk's results stacked once (small per-step copies cost
+#: more than the arithmetic at small shapes) and, with ``compile_steps``, each chunk one compiled call.
+CHUNK = 8
+
 # oneDNN's matmul, the one torch's fused CPU LSTM uses: on some CPUs (AMD, where MKL's sgemm takes a slow path) about
 # twice as fast as torch.mm at these shapes. A private op of x86 builds, so used only where it exists, on float32 CPU.
 _onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -107,14 +112,114 @@ def _linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.mm(x, weight.t())
 
 
-def _steps(compile_steps: bool) -> tuple[Any, Any]:
-    """The step functions, eager or compiled with torch.compile (each step's pointwise work and reductions fused)."""
+def _mm(x: Tensor, weight: Tensor, onednn: bool) -> Tensor:
+    """x @ weight.T: oneDNN where allowed (eager), torch.mm inside compiled code (which cannot trace the private op)."""
+    return _linear(x, weight) if onednn else torch.mm(x, weight.t())
+
+
+def _forward_chunk(
+    h: Tensor,
+    c: Tensor,
+    x_terms: Tensor,
+    weight_hh: Tensor,
+    gamma_h: Tensor,
+    gamma_c: Tensor,
+    beta_c: Tensor,
+    eps: float,
+    onednn: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """K steps of the recurrence from (h, c) (B, H) over x_terms (K, B, 4H).
+
+    Returns the stacked h_t, c_t (K, B, H), W_h h_{t-1} (K, B, 4H) and the per-step statistics (K, 4H) / (K, H).
+    """
+    hs, cs, whs, stats = [], [], [], []
+    for k in range(x_terms.shape[0]):
+        wh = _mm(h, weight_hh, onednn)  # (B, 4H)
+        h, c, *step_stats = _forward_step(wh, x_terms[k], c, gamma_h, gamma_c, beta_c, eps)
+        hs.append(h)
+        cs.append(c)
+        whs.append(wh)
+        stats.append(step_stats)
+    mean_h, invstd_h, mean_c, invstd_c = (torch.stack(s) for s in zip(*stats, strict=True))
+    return torch.stack(hs), torch.stack(cs), torch.stack(whs), mean_h, invstd_h, mean_c, invstd_c
+
+
+def _backward_chunk(
+    dh_out: Tensor,
+    dh_next: Tensor,
+    dc_next: Tensor,
+    x_terms: Tensor,
+    whs: Tensor,
+    cs: Tensor,
+    c_before: Tensor,
+    mean_h: Tensor,
+    invstd_h: Tensor,
+    mean_c: Tensor,
+    invstd_c: Tensor,
+    weight_t: Tensor,
+    gamma_h: Tensor,
+    gamma_c: Tensor,
+    beta_c: Tensor,
+    eps: float,
+    onednn: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of K steps, last step first; dh_out (K, B, H) is dL/dh_t from the outputs, dh_next / dc_next
+    what flows back from the step after the chunk, c_before the cell before the chunk, weight_t = W_h^T (H, 4H).
+
+    Returns d pre (K, B, 4H), d(W_h h_{t-1}) (K, B, 4H), dL/dh and dL/dc before the chunk, and the chunk's dγ_h, dγ_c,
+    dβ_c.
+    """
+    K = x_terms.shape[0]
+    dpres: list[Tensor] = []
+    dwhs: list[Tensor] = []
+    grads: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: dγ_h, dγ_c, dβ_c
+    for k in range(K - 1, -1, -1):
+        c_prev = cs[k - 1] if k > 0 else c_before
+        dpre, dwh, dc_next, gh, gc, bc = _backward_step(
+            dh_out[k] + dh_next, dc_next, x_terms[k], whs[k], cs[k], c_prev, mean_h[k], invstd_h[k], mean_c[k],
+            invstd_c[k], gamma_h, gamma_c, beta_c, eps,
+        )  # fmt: skip
+        dh_next = _mm(dwh, weight_t, onednn)  # dwh @ W_h, (B, H)
+        dpres.append(dpre)
+        dwhs.append(dwh)
+        grads.append((gh, gc, bc))
+    dgh, dgc, dbc = (torch.stack(g).sum(0) for g in zip(*grads, strict=True))
+    return torch.stack(dpres[::-1]), torch.stack(dwhs[::-1]), dh_next, dc_next, dgh, dgc, dbc
+
+
+def _chunk_functions(compile_steps: bool) -> tuple[Any, Any]:
+    """The chunk functions, eager or compiled with torch.compile (each chunk's steps fused into a few kernels).
+
+    Compiled code is specialized to its shapes (batch, hidden, chunk length, dtype); when torch.compile cannot give
+    one more specialization (its recompile limit, no C++ compiler, ...) that call runs eagerly, with one warning.
+    """
     if not compile_steps:
-        return _forward_step, _backward_step
+        return _forward_chunk, _backward_chunk
     if not _compiled:
-        _compiled["forward"] = torch.compile(_forward_step, dynamic=False, fullgraph=True)
-        _compiled["backward"] = torch.compile(_backward_step, dynamic=False, fullgraph=True)
+        _compiled["forward"] = _or_eager(torch.compile(_forward_chunk, dynamic=False, fullgraph=True), _forward_chunk)
+        _compiled["backward"] = _or_eager(
+            torch.compile(_backward_chunk, dynamic=False, fullgraph=True), _backward_chunk
+        )
     return _compiled["forward"], _compiled["backward"]
+
+
+def _or_eager(compiled: Any, eager: Any) -> Any:
+    def call(*args: Any) -> Any:
+        # contiguous inputs: one specialization per shape, not one per stride pattern (expanded initial states)
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
+        try:
+            return compiled(*args)
+        except Exception as error:  # compilation failed: nothing ran yet, the eager function computes the same
+            if not _compiled.get("warned"):
+                _compiled["warned"] = True
+                warnings.warn(
+                    f"compile_steps: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); running the "
+                    "fused BN-LSTM steps eagerly where it does",
+                    stacklevel=2,
+                )
+            return eager(*args)
+
+    return call
 
 
 class _BNLSTMRecurrence(torch.autograd.Function):
@@ -139,31 +244,30 @@ class _BNLSTMRecurrence(torch.autograd.Function):
         eps: float,
         compile_steps: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        T, B, G = x_terms.shape
-        H = G // 4
-        step, _ = _steps(compile_steps)
-        new = x_terms.new_empty
-        wh_all = new(T, B, G)  # W_h h_{t-1}, the recurrent BN's input (the gates are recomputed from it in backward)
-        c_all = new(T, B, H)  # c_t (un-normalized, carried)
-        h_all = new(T, B, H)  # outputs
-        stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        T = x_terms.shape[0]
+        forward_chunk, _ = _chunk_functions(compile_steps)
+        onednn = not compile_steps
         h, c = h0, c0
-        for t in range(T):
-            wh = wh_all[t].copy_(_linear(h, weight_hh))  # (B, 4H)
-            h_new, c_new, *step_stats = step(wh, x_terms[t], c, gamma_h, gamma_c, beta_c, eps)
-            h = h_all[t].copy_(h_new)
-            c = c_all[t].copy_(c_new)
-            stats.append(tuple(step_stats))  # type: ignore[arg-type]
-        mean_h, invstd_h, mean_c, invstd_c = (torch.stack(s) for s in zip(*stats, strict=True))
+        hs, cs, whs, stats = [], [], [], []
+        for start in range(0, T, CHUNK):
+            h_k, c_k, wh_k, *stats_k = forward_chunk(
+                h, c, x_terms[start : start + CHUNK], weight_hh, gamma_h, gamma_c, beta_c, eps, onednn
+            )
+            h, c = h_k[-1], c_k[-1]
+            hs.append(h_k)
+            cs.append(c_k)  # kept per chunk: saved as they are, no copy into one buffer
+            whs.append(wh_k)
+            stats.append(stats_k)
+        h_all = hs[0] if len(hs) == 1 else torch.cat(hs)  # (T, B, H): the output
+        mean_h, invstd_h, mean_c, invstd_c = (torch.cat(s) for s in zip(*stats, strict=True))
         ctx.eps = eps
         ctx.compile_steps = compile_steps
-        ctx.consumed = False
+        ctx.chunks = len(cs)
         ctx.save_for_backward(
-            x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, wh_all, c_all, h_all, mean_h, invstd_h, mean_c,
-            invstd_c,
-        )  # fmt: skip
+            x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *cs, *whs
+        )
         ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c)
-        return h_all, c_all[-1].clone(), mean_h, invstd_h, mean_c, invstd_c
+        return h_all, c.clone(), mean_h, invstd_h, mean_c, invstd_c
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -174,47 +278,42 @@ class _BNLSTMRecurrence(torch.autograd.Function):
                 "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
                 "Hessian-vector products); use BNLSTM(fused=False) for that"
             )
-        if ctx.consumed:
-            raise RuntimeError(
-                "the fused BN-LSTM recurrence reuses its saved buffers in backward, so its graph can be backpropagated "
-                "through only once (retain_graph=True is not supported); use BNLSTM(fused=False) for that"
-            )
-        ctx.consumed = True
-        (x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, wh_all, c_all, h_all, mean_h, invstd_h, mean_c,
-         invstd_c) = ctx.saved_tensors  # fmt: skip
-        _, step = _steps(ctx.compile_steps)
-        eps = ctx.eps
-        T, B, G = wh_all.shape
-        H = G // 4
+        saved = ctx.saved_tensors
+        x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:12]
+        cs, whs = saved[12 : 12 + ctx.chunks], saved[12 + ctx.chunks :]
+        _, backward_chunk = _chunk_functions(ctx.compile_steps)
+        onednn = not ctx.compile_steps
+        T, B, H = h_all.shape
         grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
-        dpre_all = torch.empty_like(x_terms)  # gradient of x_terms, (T, B, 4H)
-        dwh_all = wh_all  # overwritten step by step with d(W_h h_{t-1}) (wh_t is read just before)
-        dgamma_h = torch.zeros_like(gamma_h)
-        dgamma_c = torch.zeros_like(gamma_c)
-        dbeta_c = torch.zeros_like(beta_c)
-        dh_next = torch.zeros_like(h0)
-        dc_next = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
         weight_t = weight_hh.t().contiguous()  # (H, 4H): dh = dwh @ W_h
-        for t in range(T - 1, -1, -1):
-            c_prev = c_all[t - 1] if t > 0 else c0
-            dpre, dwh, dc_next, dgh, dgc, dbc = step(
-                grad_h_all[t] + dh_next, dc_next, x_terms[t], wh_all[t], c_all[t], c_prev, mean_h[t], invstd_h[t],
-                mean_c[t], invstd_c[t], gamma_h, gamma_c, beta_c, eps,
+        dh = torch.zeros_like(h0)
+        dc = torch.zeros_like(c0) if grad_c_last is None else grad_c_last
+        dweight = torch.zeros_like(weight_hh)
+        dgamma_h, dgamma_c, dbeta_c = torch.zeros_like(gamma_h), torch.zeros_like(gamma_c), torch.zeros_like(beta_c)
+        dpres = []
+        for chunk in range(ctx.chunks - 1, -1, -1):
+            start = chunk * CHUNK
+            stop = start + cs[chunk].shape[0]
+            rows = slice(start, stop)
+            c_before = cs[chunk - 1][-1] if chunk > 0 else c0
+            dpre, dwh, dh, dc, dgh, dgc, dbc = backward_chunk(
+                grad_h_all[rows], dh, dc, x_terms[rows], whs[chunk], cs[chunk], c_before, mean_h[rows],
+                invstd_h[rows], mean_c[rows], invstd_c[rows], weight_t, gamma_h, gamma_c, beta_c, ctx.eps, onednn,
             )  # fmt: skip
-            dpre_all[t].copy_(dpre)
-            dwh_all[t].copy_(dwh)
+            dpres.append(dpre)
             dgamma_h += dgh
             dgamma_c += dgc
             dbeta_c += dbc
-            dh_next = _linear(dwh, weight_t)  # (B, H)
-        # the weight gradient of all steps as one matmul: sum_t dwh_t^T h_{t-1}
-        h_prev = torch.cat([h0[None], h_all[:-1]])  # (T, B, H)
-        dweight = _linear(dwh_all.reshape(T * B, G).t(), h_prev.reshape(T * B, H).t())  # (4H, H)
+            # the weight gradient of the chunk's steps as one matmul: sum_t dwh_t^T h_{t-1}
+            h_prev = h_all[start - 1 : stop - 1] if start > 0 else torch.cat([h0[None], h_all[: stop - 1]])
+            K = stop - start
+            dweight += _linear(dwh.reshape(K * B, 4 * H).t(), h_prev.reshape(K * B, H).t())  # (4H, H)
+        dx_terms = dpres[0] if len(dpres) == 1 else torch.cat(dpres[::-1])
         needs = ctx.needs_input_grad
         return (
-            dpre_all if needs[0] else None,
-            dh_next if needs[1] else None,
-            dc_next if needs[2] else None,
+            dx_terms if needs[0] else None,
+            dh if needs[1] else None,
+            dc if needs[2] else None,
             dweight if needs[3] else None,
             dgamma_h if needs[4] else None,
             dgamma_c if needs[5] else None,
