@@ -7,6 +7,8 @@
   recurrent matmul is one function forward and one backward (optionally compiled into a few fused kernels with
   ``torch.compile``), and the weight gradient of W_h for all steps is one large matmul after the loop -- the way the
   fused cuDNN/oneDNN LSTM kernels batch their weight-gradient work.
+* :func:`population_recurrence` -- evaluation with population statistics: each BN site is then an affine map per
+  step, folded into one scale and one shift, so a step is the recurrent matmul and a handful of fused pointwise ops.
 * :func:`plain_lstm` -- the LSTM baseline (``normalize=False``) through torch's own fused LSTM kernel.
 
 Both compute exactly what the reference path computes (tested against it: outputs, every gradient, statistics).
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["fused_recurrence", "plain_lstm"]
+__all__ = ["fused_recurrence", "plain_lstm", "population_recurrence"]
 
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default  # autograd's own kernel for native_batch_norm
@@ -363,6 +365,40 @@ def fused_recurrence(
         var_h = (invstd_h.pow(-2) - eps).clamp_(min=0.0)  # the biased batch variance
         var_c = (invstd_c.pow(-2) - eps).clamp_(min=0.0)
     return outputs, (outputs[-1], c_last), (mean_h, var_h, mean_c, var_c)
+
+
+def population_recurrence(
+    x_terms: Tensor,
+    state: tuple[Tensor, Tensor],
+    weight_hh: Tensor,
+    scale_h: Tensor,
+    scale_c: Tensor,
+    shift_c: Tensor,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The recurrence with population statistics: BN_t(v) = v * scale_t + shift_t at every site.
+
+    Args:
+        x_terms: (T, B, 4H), BN_t(W_x x_t) + b + the recurrent term's shift, with population statistics.
+        state: (h_0, c_0), each (B, H).
+        weight_hh: (4H, H).
+        scale_h: (T, 4H), γ_h / sqrt(var_t + ε) of the recurrent term (its shift is in x_terms).
+        scale_c, shift_c: (T, H), the same for the cell (the shift includes β_c).
+
+    Returns outputs (T, B, H) and (h_T, c_T). Differentiable (plain torch ops) when gradients are enabled.
+    """
+    h, c = state
+    H = h.shape[1]
+    grad = torch.is_grad_enabled()
+    outputs = []
+    for t in range(x_terms.shape[0]):
+        wh = torch.mm(h, weight_hh.t()) if grad else _linear(h, weight_hh)  # the private op has no autograd
+        pre = torch.addcmul(x_terms[t], wh, scale_h[t])  # eq. 6
+        act = torch.sigmoid(pre)
+        i, f, o = act[:, :H], act[:, H : 2 * H], act[:, 3 * H :]
+        c = torch.addcmul(f * c, i, torch.tanh(pre[:, 2 * H : 3 * H]))  # eq. 7
+        h = o * torch.tanh(torch.addcmul(shift_c[t], c, scale_c[t]))  # eq. 8
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
 
 
 def plain_lstm(

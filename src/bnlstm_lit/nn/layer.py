@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn.batchnorm import deferred_statistics_updates
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates
 from bnlstm_lit.nn.cell import BNLSTMCell, RecurrentInit
-from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm
+from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
 
 
 class BNLSTM(nn.Module):
@@ -35,7 +35,8 @@ class BNLSTM(nn.Module):
             MNIST, whose first ~100 constant inputs otherwise give zero batch variance); 0 disables it.
         dropout: dropout on the outputs of every layer but the last, as torch.nn.LSTM.
         fused: use the fast paths where they apply (:mod:`bnlstm_lit.nn.fused`): in training without ``lengths``,
-            the BN-LSTM recurrence as one autograd Function with a hand-written backward; the plain LSTM
+            the BN-LSTM recurrence as one autograd Function with a hand-written backward; in evaluation with
+            population statistics, each BN site folded into a per-step scale and shift; the plain LSTM
             (``normalize=False``) through torch's fused LSTM kernel without ``lengths``. False always runs the
             reference loop (the two agree to float rounding; tested).
         compile_steps: in the fused BN-LSTM training path, run each chunk of steps through ``torch.compile``d code
@@ -158,8 +159,14 @@ class BNLSTM(nn.Module):
             return plain_lstm(x, state, cell.weight_ih, cell.weight_hh, cell.bias)
         bn_h, bn_c = cell.bn_h, cell.bn_c
         assert bn_h is not None and bn_c is not None and bn_h.weight is not None and bn_c.weight is not None
-        if not (cell.training and bn_h.training and bn_c.training) or bn_c.bias is None or bn_h.eps != bn_c.eps:
-            return self._run_layer(cell, x, state, mask, start)  # evaluation: the loop with population statistics
+        if bn_c.bias is None or bn_h.eps != bn_c.eps:
+            return self._run_layer(cell, x, state, mask, start)
+        if not (cell.training or bn_h.training or bn_c.training):
+            if bn_h.eval_statistics != "population" or bn_c.eval_statistics != "population":
+                return self._run_layer(cell, x, state, mask, start)  # batch statistics in evaluation
+            return self._run_layer_population(cell, x, state, start)
+        if not (cell.training and bn_h.training and bn_c.training):
+            return self._run_layer(cell, x, state, mask, start)  # sites in mixed modes
         T, B, _ = x.shape
         bn_h.check_batch_statistics(start, T, B)
         x_terms = cell.input_term(x, None, start)  # (T, B, 4H), its own statistics kept by bn_x
@@ -169,6 +176,32 @@ class BNLSTM(nn.Module):
         bn_h._update_running_stats(start, mean_h, var_h, None)
         bn_c._update_running_stats(start, mean_c, var_c, None)
         return outputs, final
+
+    @staticmethod
+    def _run_layer_population(
+        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], start: int
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Evaluation with population statistics, each BN site folded into a per-step scale and shift."""
+        bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
+        assert bn_x is not None and bn_h is not None and bn_c is not None
+        T = x.shape[0]
+
+        def scale_shift(bn: SequenceBatchNorm) -> tuple[Tensor, Tensor]:
+            """BN_t(v) = v * scale_t + shift_t with population statistics: (T, C) each (rows beyond max_steps reuse
+            the last step's statistics)."""
+            mean, var = bn._population(start, T)
+            scale = torch.rsqrt(var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -mean * scale
+            return scale, shift if bn.bias is None else shift + bn.bias
+
+        scale_x, shift_x = scale_shift(bn_x)
+        scale_h, shift_h = scale_shift(bn_h)
+        scale_c, shift_c = scale_shift(bn_c)
+        # BN_t(W_x x_t) + b + (the recurrent term's shift): one matmul and one fused pass over (T, B, 4H)
+        x_terms = torch.addcmul((shift_x + shift_h + cell.bias)[:, None], x @ cell.weight_ih.t(), scale_x[:, None])
+        return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c)
 
     @staticmethod
     def _run_layer(
