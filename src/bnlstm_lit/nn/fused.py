@@ -2,16 +2,16 @@
 
 * :func:`fused_recurrence` -- the training-mode time loop of one BN-LSTM layer as one autograd Function with a
   hand-written backward. Autograd through the reference loop records some forty small nodes per step and, in
-  backward, runs one small weight-gradient matmul per step. Here the forward saves only what the backward needs (the
-  input term, W_h h_{t-1}, c_t and the per-step statistics; the gates are recomputed), each step's work after the
-  recurrent matmul is one function forward and one backward (optionally compiled into a few fused kernels with
-  ``torch.compile``), and the weight gradient of W_h for all steps is one large matmul after the loop -- the way the
-  fused cuDNN/oneDNN LSTM kernels batch their weight-gradient work.
+  backward, runs one small weight-gradient matmul per step. Here the loop runs in chunks of ``CHUNK`` steps whose
+  results are stacked once per chunk and saved as they are (W_h h_{t-1}, the gate activations, c_t, tanh(BN(c_t)),
+  the per-step statistics), each step's batch norms run as native kernels forward and backward, and the weight
+  gradient of W_h is one large matmul per chunk -- the way the fused cuDNN/oneDNN LSTM kernels batch their
+  weight-gradient work. Optionally each chunk is compiled into a few fused kernels with ``torch.compile``.
 * :func:`population_recurrence` -- evaluation with population statistics: each BN site is then an affine map per
   step, folded into one scale and one shift, so a step is the recurrent matmul and a handful of fused pointwise ops.
 * :func:`plain_lstm` -- the LSTM baseline (``normalize=False``) through torch's own fused LSTM kernel.
 
-Both compute exactly what the reference path computes (tested against it: outputs, every gradient, statistics).
+All compute what the reference path computes, to float rounding (tested: outputs, every gradient, statistics).
 """
 
 from __future__ import annotations
@@ -40,24 +40,26 @@ def _gates(pre: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _forward_step(
     wh: Tensor, x_t: Tensor, c_prev: Tensor, gamma_h: Tensor, gamma_c: Tensor, beta_c: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One step after the recurrent matmul: wh = W_h h_{t-1} (B, 4H), x_t (B, 4H), c_{t-1} (B, H).
 
-    Returns h_t, c_t (B, H) and the batch means and inverse standard deviations (biased variance) of the recurrent
-    term (4H,) and of the cell (H,).
+    Returns h_t, c_t (B, H), the gate activations σ(i), σ(f), tanh(g), σ(o) (B, 4H), tanh(BN(c_t)) (B, H) and the
+    batch means and inverse standard deviations (biased variance) of the recurrent term (4H,) and of the cell (H,).
     """
     bn_h, mean_h, invstd_h = torch.native_batch_norm(wh, gamma_h, None, None, None, True, 0.0, eps)
     i, f, g, o = _gates(bn_h + x_t, c_prev.shape[1])  # eq. 6
     c = f * c_prev + i * g  # eq. 7
     bn_c, mean_c, invstd_c = torch.native_batch_norm(c, gamma_c, beta_c, None, None, True, 0.0, eps)
-    h = o * torch.tanh(bn_c)  # eq. 8
-    return h, c, mean_h, invstd_h, mean_c, invstd_c
+    tc = torch.tanh(bn_c)
+    h = o * tc  # eq. 8
+    return h, c, torch.cat([i, f, g, o], dim=1), tc, mean_h, invstd_h, mean_c, invstd_c
 
 
 def _backward_step(
     dh: Tensor,
     dc_next: Tensor,
-    x_t: Tensor,
+    act: Tensor,
+    tc: Tensor,
     wh: Tensor,
     c: Tensor,
     c_prev: Tensor,
@@ -72,14 +74,12 @@ def _backward_step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of one step, given dL/dh_t (all paths) and dL/dc_t from step t+1.
 
-    The gates and tanh(BN(c_t)) are recomputed from the saved inputs (cheaper than storing them). Returns d pre_t
+    act and tc are the step's saved gate activations and tanh(BN(c_t)). Returns d pre_t
     (B, 4H) (= dL/dx_term_t), d(W_h h_{t-1}) (B, 4H), dL/dc_{t-1} through the cell (B, H), and the step's
     contributions to dγ_h (4H,), dγ_c (H,), dβ_c (H,).
     """
     H = c.shape[1]
-    n_h = (wh - mean_h[None]) * invstd_h[None]
-    i, f, g, o = _gates(n_h * gamma_h + x_t, H)
-    tc = torch.tanh((c - mean_c[None]) * (invstd_c * gamma_c)[None] + beta_c)
+    i, f, g, o = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
     do = dh * tc * o * (1 - o)
     dco = dh * o * (1 - tc * tc)
     # batch-norm backward with batch statistics: the gradient flows through the mean and the variance too
@@ -129,28 +129,33 @@ def _forward_chunk(
     beta_c: Tensor,
     eps: float,
     onednn: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """K steps of the recurrence from (h, c) (B, H) over x_terms (K, B, 4H).
 
-    Returns the stacked h_t, c_t (K, B, H), W_h h_{t-1} (K, B, 4H) and the per-step statistics (K, 4H) / (K, H).
+    Returns the stacked h_t, c_t (K, B, H), W_h h_{t-1} (K, B, 4H), gate activations (K, B, 4H), tanh(BN(c_t))
+    (K, B, H) and the per-step statistics (K, 4H) / (K, H).
     """
-    hs, cs, whs, stats = [], [], [], []
+    hs, cs, whs, acts, tcs, stats = [], [], [], [], [], []
     for k in range(x_terms.shape[0]):
         wh = _mm(h, weight_hh, onednn)  # (B, 4H)
-        h, c, *step_stats = _forward_step(wh, x_terms[k], c, gamma_h, gamma_c, beta_c, eps)
+        h, c, act, tc, *step_stats = _forward_step(wh, x_terms[k], c, gamma_h, gamma_c, beta_c, eps)
         hs.append(h)
         cs.append(c)
         whs.append(wh)
+        acts.append(act)
+        tcs.append(tc)
         stats.append(step_stats)
     mean_h, invstd_h, mean_c, invstd_c = (torch.stack(s) for s in zip(*stats, strict=True))
-    return torch.stack(hs), torch.stack(cs), torch.stack(whs), mean_h, invstd_h, mean_c, invstd_c
+    stacked = (torch.stack(hs), torch.stack(cs), torch.stack(whs), torch.stack(acts), torch.stack(tcs))
+    return *stacked, mean_h, invstd_h, mean_c, invstd_c
 
 
 def _backward_chunk(
     dh_out: Tensor,
     dh_next: Tensor,
     dc_next: Tensor,
-    x_terms: Tensor,
+    acts: Tensor,
+    tcs: Tensor,
     whs: Tensor,
     cs: Tensor,
     c_before: Tensor,
@@ -171,14 +176,14 @@ def _backward_chunk(
     Returns d pre (K, B, 4H), d(W_h h_{t-1}) (K, B, 4H), dL/dh and dL/dc before the chunk, and the chunk's dγ_h, dγ_c,
     dβ_c.
     """
-    K = x_terms.shape[0]
+    K = acts.shape[0]
     dpres: list[Tensor] = []
     dwhs: list[Tensor] = []
     grads: list[tuple[Tensor, Tensor, Tensor]] = []  # per step: dγ_h, dγ_c, dβ_c
     for k in range(K - 1, -1, -1):
         c_prev = cs[k - 1] if k > 0 else c_before
         dpre, dwh, dc_next, gh, gc, bc = _backward_step(
-            dh_out[k] + dh_next, dc_next, x_terms[k], whs[k], cs[k], c_prev, mean_h[k], invstd_h[k], mean_c[k],
+            dh_out[k] + dh_next, dc_next, acts[k], tcs[k], whs[k], cs[k], c_prev, mean_h[k], invstd_h[k], mean_c[k],
             invstd_c[k], gamma_h, gamma_c, beta_c, eps,
         )  # fmt: skip
         dh_next = _mm(dwh, weight_t, onednn)  # dwh @ W_h, (B, H)
@@ -250,15 +255,17 @@ class _BNLSTMRecurrence(torch.autograd.Function):
         forward_chunk, _ = _chunk_functions(compile_steps)
         onednn = not compile_steps
         h, c = h0, c0
-        hs, cs, whs, stats = [], [], [], []
+        hs, cs, whs, acts, tcs, stats = [], [], [], [], [], []
         for start in range(0, T, CHUNK):
-            h_k, c_k, wh_k, *stats_k = forward_chunk(
+            h_k, c_k, wh_k, act_k, tc_k, *stats_k = forward_chunk(
                 h, c, x_terms[start : start + CHUNK], weight_hh, gamma_h, gamma_c, beta_c, eps, onednn
             )
             h, c = h_k[-1], c_k[-1]
             hs.append(h_k)
             cs.append(c_k)  # kept per chunk: saved as they are, no copy into one buffer
             whs.append(wh_k)
+            acts.append(act_k)
+            tcs.append(tc_k)
             stats.append(stats_k)
         h_all = hs[0] if len(hs) == 1 else torch.cat(hs)  # (T, B, H): the output
         mean_h, invstd_h, mean_c, invstd_c = (torch.cat(s) for s in zip(*stats, strict=True))
@@ -266,8 +273,9 @@ class _BNLSTMRecurrence(torch.autograd.Function):
         ctx.compile_steps = compile_steps
         ctx.chunks = len(cs)
         ctx.save_for_backward(
-            x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *cs, *whs
-        )
+            h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *cs, *whs, *acts,
+            *tcs,
+        )  # fmt: skip
         ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c)
         return h_all, c.clone(), mean_h, invstd_h, mean_c, invstd_c
 
@@ -281,8 +289,9 @@ class _BNLSTMRecurrence(torch.autograd.Function):
                 "Hessian-vector products); use BNLSTM(fused=False) for that"
             )
         saved = ctx.saved_tensors
-        x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:12]
-        cs, whs = saved[12 : 12 + ctx.chunks], saved[12 + ctx.chunks :]
+        h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:11]
+        n = ctx.chunks
+        cs, whs, acts, tcs = (saved[11 + k * n : 11 + (k + 1) * n] for k in range(4))
         _, backward_chunk = _chunk_functions(ctx.compile_steps)
         onednn = not ctx.compile_steps
         T, B, H = h_all.shape
@@ -299,7 +308,7 @@ class _BNLSTMRecurrence(torch.autograd.Function):
             rows = slice(start, stop)
             c_before = cs[chunk - 1][-1] if chunk > 0 else c0
             dpre, dwh, dh, dc, dgh, dgc, dbc = backward_chunk(
-                grad_h_all[rows], dh, dc, x_terms[rows], whs[chunk], cs[chunk], c_before, mean_h[rows],
+                grad_h_all[rows], dh, dc, acts[chunk], tcs[chunk], whs[chunk], cs[chunk], c_before, mean_h[rows],
                 invstd_h[rows], mean_c[rows], invstd_c[rows], weight_t, gamma_h, gamma_c, beta_c, ctx.eps, onednn,
             )  # fmt: skip
             dpres.append(dpre)
