@@ -211,3 +211,15 @@ def test_unknown_names_are_clear_errors(flag, name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert name in err and "invalid choice" in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_lm_step_timer_runs_on_a_tiny_model(capsys):
+    """benchmarks/lm_step.py times both models and prints one line each (the value is not asserted: it is a speed)."""
+    spec = importlib.util.spec_from_file_location("lm_step", BENCHMARKS / "lm_step.py")
+    assert spec is not None and spec.loader is not None
+    lm_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_step)
+    medians = lm_step.main(["--hidden", "8", "--batch", "3", "--length", "4", "--vocab", "5", "--reps", "1"])
+    assert set(medians) == {"lstm", "bnlstm"} and all(v > 0 for v in medians.values())
+    out = capsys.readouterr().out
+    assert "lstm:" in out and "bnlstm:" in out
