@@ -488,3 +488,20 @@ def test_batch_size_one_with_batch_norm_is_refused(request: pytest.FixtureReques
             "--trainer.num_sanity_val_steps=0",
             request=request,
         )
+
+
+def test_overlays_parse_with_the_configs_they_name(tmp_path: Path) -> None:
+    """configs/overlays/*.yaml combine with the experiment configs they are written for (checked by --print_config)."""
+    overlays = sorted((CONFIGS / "overlays").glob("*.yaml"))
+    assert overlays
+    for overlay in overlays:
+        for config in ("ptb_lstm.yaml", "ptb_bnlstm.yaml"):
+            done = subprocess.run(
+                [sys.executable, "-m", "bnlstm_lit", "fit", f"--config={CONFIGS / config}", f"--config={overlay}",
+                 "--print_config"],
+                capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            printed = yaml.safe_load(done.stdout)
+            assert printed["trainer"]["max_steps"] == 1000 and printed["model"]["init_args"]["hidden_size"] == 256
