@@ -34,3 +34,13 @@ class SequenceDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def max_steps(self) -> int:
         """Length of the longest training sequence (number of per-step statistics the BN-LSTM keeps)."""
+
+
+def check_int(name: str, value: int | None, minimum: int, optional: bool = False) -> None:
+    """Raise a ValueError naming ``data.init_args.<name>`` unless ``value`` is an integer >= ``minimum`` (or None when
+    ``optional``); bools are refused."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} (data.init_args.{name}) must be {expected}, got {value!r}")

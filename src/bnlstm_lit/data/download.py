@@ -13,6 +13,7 @@ import http.client
 import logging
 import os
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
-__all__ = ["check_file", "download_url", "file_md5"]
+__all__ = ["check_file", "download_url", "extract_members", "file_md5", "tar_member_name"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,44 @@ def download_url(
             tmp.unlink(missing_ok=True)  # gone already after a successful os.replace
     tried = "\n".join(f"  - {failure}" for failure in failures)
     raise RuntimeError(f"Could not download {dest} ({len(urls)} URL(s) tried, none gave a valid file):\n{tried}")
+
+
+def tar_member_name(member: tarfile.TarInfo) -> str:
+    """A tar member's name without leading ``./``."""
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+def extract_members(archive: str | os.PathLike[str], members: dict[str, tuple[Path, str]]) -> None:
+    """Extract regular-file members of a tar archive to chosen paths, each checked against its md5.
+
+    ``members`` maps a member name (a leading ``./`` is ignored) to ``(destination, md5)``. Only those members are
+    read, their names never become paths (no traversal), links and devices are refused, and each file is written to
+    a hidden temporary name (hashed on the way) and renamed into place after its md5 matched, so a failure leaves no
+    partial file.
+    """
+    archive = Path(archive)
+    with tarfile.open(archive, "r:*") as tar:
+        by_name = {tar_member_name(m): m for m in tar.getmembers()}
+        for name, (dest, md5) in members.items():
+            member = by_name.get(name)
+            if member is None or not member.isfile():
+                what = "missing" if member is None else "not a regular file"
+                raise RuntimeError(f"{archive}: member {name} is {what}")
+            source = tar.extractfile(member)
+            assert source is not None  # a regular file
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+            digest = hashlib.md5(usedforsecurity=False)
+            try:
+                with source, open(tmp, "xb") as out:
+                    while chunk := source.read(_CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                if digest.hexdigest() != md5.lower():
+                    raise RuntimeError(f"{archive}: member {name} has md5 {digest.hexdigest()}, expected {md5}")
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)

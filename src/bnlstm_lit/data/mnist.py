@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from bnlstm_lit.data.base import SequenceDataModule
+from bnlstm_lit.data.base import SequenceDataModule, check_int
 from bnlstm_lit.data.download import check_file, download_url, file_md5
 
 __all__ = [
@@ -199,14 +199,6 @@ class PixelSequenceCollate:
 # ------------------------------------------------------------------------------------------------------- DataModules
 
 
-def _check_int(name: str, value: int | None, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = f"an integer >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"{name} (data.init_args.{name}) must be {expected}, got {value!r}")
-
-
 class SequentialMNIST(SequenceDataModule):
     """Sequential MNIST: each image is a sequence of 784 pixels in scanline order, one feature per step.
 
@@ -243,14 +235,14 @@ class SequentialMNIST(SequenceDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("val_size", val_size, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("val_size", val_size, 1)
         if val_size >= _NUM_TRAIN_FILE:
             raise ValueError(f"val_size (data.init_args.val_size) must be < {_NUM_TRAIN_FILE}, got {val_size}")
         for name, limit in (("limit_train", limit_train), ("limit_val", limit_val), ("limit_test", limit_test)):
-            _check_int(name, limit, 1, optional=True)
-        _check_int("seed", seed, 0)
+            check_int(name, limit, 1, optional=True)
+        check_int("seed", seed, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.download = download
@@ -383,7 +375,7 @@ class PermutedMNIST(SequentialMNIST):
             raise ValueError(
                 f"permutation (data.init_args.permutation) must be 'randperm' or 'paper_randint', got {permutation!r}"
             )
-        _check_int("permutation_seed", permutation_seed, 0)
+        check_int("permutation_seed", permutation_seed, 0)
         if permutation == "paper_randint" and permutation_seed != 0:
             raise ValueError(
                 "permutation_seed (data.init_args.permutation_seed) has no effect with permutation='paper_randint' "

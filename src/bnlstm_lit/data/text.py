@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import tarfile
-import uuid
 import warnings
 import zipfile
 import zlib
@@ -44,8 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from bnlstm_lit.data.base import SequenceDataModule
-from bnlstm_lit.data.download import check_file, download_url, file_md5
+from bnlstm_lit.data.base import SequenceDataModule, check_int
+from bnlstm_lit.data.download import check_file, download_url, extract_members, file_md5, tar_member_name
 
 __all__ = [
     "PTB_SYMBOLS",
@@ -374,11 +373,6 @@ def _only_item(items: list[SampleRequest]) -> SampleRequest:
 # ------------------------------------------------------------------------------------------------------ DataModules
 
 
-def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} (data.init_args.{name}) must be an integer >= {minimum}, got {value!r}")
-
-
 class CharCorpus(SequenceDataModule):
     """Base DataModule of character-level language modelling.
 
@@ -437,11 +431,11 @@ class CharCorpus(SequenceDataModule):
             ("sample_length", sample_length),
             ("num_samples", num_samples),
         ):
-            _check_positive(name, value)
+            check_int(name, value, 1)
         if eval_batch_size is not None:
-            _check_positive("eval_batch_size", eval_batch_size)
-        _check_positive("num_workers", num_workers, 0)
-        _check_positive("seed", seed, 0)
+            check_int("eval_batch_size", eval_batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
         if mode not in ("paper", "stateful"):
             raise ValueError(f"mode (data.init_args.mode) must be 'paper' or 'stateful', got {mode!r}")
         if test_protocol not in ("examples", "full", "sweep"):
@@ -453,7 +447,7 @@ class CharCorpus(SequenceDataModule):
         if not sweep_lengths:
             raise ValueError("sweep_lengths (data.init_args.sweep_lengths) must name at least one length")
         for value in sweep_lengths:
-            _check_positive("sweep_lengths", value)
+            check_int("sweep_lengths", value, 1)
         if not temperature > 0:
             raise ValueError(f"temperature (data.init_args.temperature) must be positive, got {temperature}")
         if mode == "stateful" and num_workers > 1:
@@ -759,50 +753,12 @@ class PTBChar(CharCorpus):
 def _check_ptb_archive(path: Path, wanted: dict[str, str]) -> None:
     try:
         with tarfile.open(path, "r:*") as tar:
-            names = {_member_name(m) for m in tar.getmembers() if m.isfile()}
+            names = {tar_member_name(m) for m in tar.getmembers() if m.isfile()}
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ValueError(f"not a readable tar archive ({err})") from err
     missing = [n for n in wanted if f"simple-examples/data/{n}" not in names]
     if missing:
         raise ValueError(f"the archive lacks {', '.join(missing)} under simple-examples/data/")
-
-
-def _member_name(member: tarfile.TarInfo) -> str:
-    name = member.name
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
-def extract_members(archive: str | os.PathLike[str], members: dict[str, tuple[Path, str]]) -> None:
-    """Extract regular-file members of a tar archive to chosen paths, each checked against its md5.
-
-    ``members`` maps a member name (a leading ``./`` is ignored) to ``(destination, md5)``. Only those members are
-    read, their names never become paths (no traversal), links and devices are refused, and each file is written to
-    a temporary name and renamed into place after its md5 matched, so a failure leaves no partial file.
-    """
-    archive = Path(archive)
-    with tarfile.open(archive, "r:*") as tar:
-        by_name = {_member_name(m): m for m in tar.getmembers()}
-        for name, (dest, md5) in members.items():
-            member = by_name.get(name)
-            if member is None or not member.isfile():
-                what = "missing" if member is None else "not a regular file"
-                raise RuntimeError(f"{archive}: member {name} is {what}")
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
-                with source, open(tmp, "xb") as out:
-                    while chunk := source.read(1 << 20):
-                        out.write(chunk)
-                actual = file_md5(tmp)
-                if actual != md5:
-                    raise RuntimeError(f"{archive}: member {name} has md5 {actual}, expected {md5}")
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------ text8
