@@ -3,6 +3,7 @@
 from bnlstm_lit.nn import (
     BNLSTM,
     BNLSTMCell,
+    BNRNNCell,
     SequenceBatchNorm,
     batchnorm_sites,
     estimate_population_statistics,
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BNLSTM",
     "BNLSTMCell",
+    "BNRNNCell",
     "SequenceBatchNorm",
     "__version__",
     "batchnorm_sites",

@@ -1,13 +1,15 @@
-"""Pure-PyTorch building blocks (never imports lightning): per-step batch norm, the BN-LSTM cell and layer."""
+"""Pure-PyTorch building blocks (never imports lightning): per-step batch norm, the BN-LSTM and BN tanh RNN cells,
+the layer."""
 
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, batchnorm_sites, set_eval_statistics
-from bnlstm_lit.nn.cell import BNLSTMCell
+from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell
 from bnlstm_lit.nn.layer import BNLSTM
 from bnlstm_lit.nn.statistics import estimate_population_statistics
 
 __all__ = [
     "BNLSTM",
     "BNLSTMCell",
+    "BNRNNCell",
     "SequenceBatchNorm",
     "batchnorm_sites",
     "estimate_population_statistics",

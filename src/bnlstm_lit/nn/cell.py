@@ -1,4 +1,5 @@
-"""The BN-LSTM cell: one time step of SPEC §1 (Cooijmans et al. 2017, eqs. 6-8).
+"""The cells: one time step of the BN-LSTM (SPEC §1, Cooijmans et al. 2017, eqs. 6-8) and of the BN tanh RNN (the
+paper's Fig. 1 model).
 
 Gate order along the 4H axis is torch.nn.LSTM's: input i, forget f, candidate g, output o, so weights copy 1:1.
 
@@ -14,12 +15,14 @@ The cell contract (one for every cell, the layer owns the time loop):
 
 * :meth:`input_term` maps the whole input sequence ``(T, B, I) -> (T, B, 4H)`` (hoisted out of the loop: one matmul,
   one vectorized per-step BN);
-* :meth:`forward` takes that step's input term, the state and the time index, and returns the new state.
+* :meth:`forward` takes that step's input term, the state ``(h, c)`` and the time index, and returns the new state
+  (a cell without a memory, the tanh RNN, returns its ``c`` unchanged);
+* ``fast_paths`` says whether the layer may run the fused BN-LSTM kernels of :mod:`bnlstm_lit.nn.fused` for it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +52,8 @@ class BNLSTMCell(nn.Module):
         weight_ih (4H, I), weight_hh (4H, H), bias (4H,), and with normalization bn_x.weight (4H,) = γ_x,
         bn_h.weight (4H,) = γ_h, bn_c.weight / bn_c.bias (H,) = γ_c / β_c.
     """
+
+    fast_paths: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -132,3 +137,88 @@ class BNLSTMCell(nn.Module):
         c_out = c if self.bn_c is None else self.bn_c(c, t, mask)  # BN(c) on the output path only
         h = torch.sigmoid(o) * torch.tanh(c_out)  # eq. 8
         return h, c
+
+
+class BNRNNCell(nn.Module):
+    """One step of the batch-normalized tanh RNN of the paper's Fig. 1:
+
+        h_t = tanh(BN_t(W_h h_{t-1}; γ_h) + BN_t(W_x x_t; γ_x) + b)        (B, H)
+
+    It shares the LSTM cell's contract (state ``(h, c)``; ``c`` is passed through untouched) so the same
+    :class:`~bnlstm_lit.nn.BNLSTM` layer runs it (``cell="tanh"``), always on the reference loop.
+
+    Args:
+        input_size, hidden_size, max_steps, normalize, gamma_init, eps, momentum: as :class:`BNLSTMCell`.
+        forget_bias: ignored (no gates); accepted so the layer passes one set of arguments to every cell.
+        recurrent_init: ``"orthogonal"`` or ``"identity_g"`` (W_h is the identity).
+
+    Parameters:
+        weight_ih (H, I), weight_hh (H, H), bias (H,) starting at 0, and with normalization bn_x.weight (H,) = γ_x,
+        bn_h.weight (H,) = γ_h.
+    """
+
+    fast_paths: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        max_steps: int,
+        normalize: bool = True,
+        gamma_init: float = 0.1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        forget_bias: float = 1.0,
+        recurrent_init: RecurrentInit = "orthogonal",
+    ) -> None:
+        super().__init__()
+        if input_size <= 0 or hidden_size <= 0:
+            raise ValueError(
+                f"BNRNNCell: input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
+            )
+        if recurrent_init not in ("orthogonal", "identity_g"):
+            raise ValueError(f"BNRNNCell: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
+        del forget_bias
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.normalize = normalize
+        self.recurrent_init = recurrent_init
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.bn_x: SequenceBatchNorm | None = None
+        self.bn_h: SequenceBatchNorm | None = None
+        self.bn_c: SequenceBatchNorm | None = None  # no cell: the attribute exists so code can ask every cell
+        if normalize:
+            self.bn_x = SequenceBatchNorm(hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_h = SequenceBatchNorm(hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.orthogonal_(self.weight_ih)
+            if self.recurrent_init == "identity_g":
+                self.weight_hh.copy_(torch.eye(self.hidden_size))
+            else:
+                nn.init.orthogonal_(self.weight_hh)
+            self.bias.zero_()
+        for bn in (self.bn_x, self.bn_h):
+            if bn is not None:
+                bn.reset_parameters()
+
+    def input_term(self, x: Tensor, mask: Tensor | None = None, start: int = 0) -> Tensor:
+        """BN_t(W_x x_t; γ_x) + b for all steps at once: ``(T, B, I) -> (T, B, H)``."""
+        wx = x @ self.weight_ih.t()  # (T, B, H)
+        if self.bn_x is not None:
+            wx = self.bn_x(wx, start, mask)
+        return wx + self.bias
+
+    def forward(
+        self, x_term: Tensor, state: tuple[Tensor, Tensor], t: int, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One step: x_term (B, H), state (h_{t-1}, c) -> (h_t, c) with c unchanged."""
+        h, c = state
+        wh = h @ self.weight_hh.t()  # (B, H)
+        if self.bn_h is not None:
+            wh = self.bn_h(wh, t, mask)
+        return torch.tanh(wh + x_term), c

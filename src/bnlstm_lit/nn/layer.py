@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates
-from bnlstm_lit.nn.cell import BNLSTMCell, RecurrentInit
+from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
+
+CellType = Literal["lstm", "tanh"]
+CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tanh": BNRNNCell}
 
 
 class BNLSTM(nn.Module):
@@ -43,6 +47,14 @@ class BNLSTM(nn.Module):
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
             where the compiled code's matmul is MKL's rather than oneDNN's.
+        cell: ``"lstm"`` (the BN-LSTM) or ``"tanh"`` (the BN tanh RNN of the paper's Fig. 1,
+            :class:`~bnlstm_lit.nn.cell.BNRNNCell`, reference loop only; its ``c`` state is carried unchanged and
+            ``c0`` is a zero buffer, not a parameter).
+
+    Diagnostics: with ``probe_hidden_grad = True`` (set by :class:`~bnlstm_lit.callbacks.GradientFlow`), a forward
+    pass with gradients enabled runs the reference loop and adds a zero tensor ``probe`` (T, B, H) to every h_t,
+    one per layer, kept in ``hidden_probes``; after ``backward``, ``probe.grad[t]`` is the total dloss/dh_t (through
+    the output at t and through every later step). :meth:`hidden_grad_norms` gives its batch-mean norm per step.
 
     Shapes:
         input (T, B, I) [or (B, T, I)], optional state (h_0, c_0) each (num_layers, B, H), optional lengths (B,).
@@ -68,6 +80,7 @@ class BNLSTM(nn.Module):
         dropout: float = 0.0,
         fused: bool = True,
         compile_steps: bool = False,
+        cell: CellType = "lstm",
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -76,6 +89,8 @@ class BNLSTM(nn.Module):
             raise ValueError(f"BNLSTM: h0_noise_std must be non-negative, got {h0_noise_std}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"BNLSTM: dropout must be in [0, 1), got {dropout}")
+        if cell not in CELLS:
+            raise ValueError(f"BNLSTM: cell must be one of {sorted(CELLS)}, got {cell!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -86,8 +101,11 @@ class BNLSTM(nn.Module):
         self.dropout = dropout
         self.fused = fused
         self.compile_steps = compile_steps
+        self.cell = cell
+        self.probe_hidden_grad = False
+        self.hidden_probes: list[Tensor] = []
         self.cells: nn.ModuleList = nn.ModuleList(
-            BNLSTMCell(
+            CELLS[cell](
                 input_size if layer == 0 else hidden_size,
                 hidden_size,
                 max_steps,
@@ -101,19 +119,23 @@ class BNLSTM(nn.Module):
             for layer in range(num_layers)
         )
         self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))  # learned initial state
-        self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
+        if cell == "lstm":
+            self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
+        else:  # no memory cell: a parameter nothing reads would break DDP (unused parameters)
+            self.register_buffer("c0", torch.zeros(num_layers, hidden_size))
 
     def reset_parameters(self) -> None:
         for cell in self.cells:
             cell.reset_parameters()  # type: ignore[operator]
-        nn.init.zeros_(self.h0)
-        nn.init.zeros_(self.c0)
+        with torch.no_grad():
+            self.h0.zero_()
+            self.c0.zero_()
 
     def extra_repr(self) -> str:
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
             f"max_steps={self.max_steps}, normalize={self.normalize}, h0_noise_std={self.h0_noise_std}, "
-            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}"
+            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, cell={self.cell!r}"
         )
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -139,17 +161,37 @@ class BNLSTM(nn.Module):
         T, B, _ = x.shape
         mask = None if lengths is None else self._mask(lengths, T, B, x.device)  # (T, B) bool
         h0, c0 = self.initial_state(B) if state is None else self._check_state(state, B)
+        probing = self.probe_hidden_grad and torch.is_grad_enabled()
+        self.hidden_probes = []
         h_n, c_n = [], []
         for layer, cell in enumerate(self.cells):
             if layer > 0 and self.dropout > 0:
                 x = nn.functional.dropout(x, self.dropout, self.training)
-            run = self._run_layer_fused if self.fused and mask is None else self._run_layer
+            if probing:  # diagnostics: the reference loop with a zero probe on every h_t
+                probe = x.new_zeros(T, B, self.hidden_size, requires_grad=True)
+                self.hidden_probes.append(probe)
+                x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask, start_step, probe)  # type: ignore[arg-type]
+                h_n.append(h)
+                c_n.append(c)
+                continue
+            fast = self.fused and mask is None and cell.fast_paths
+            run = self._run_layer_fused if fast else self._run_layer
             x, (h, c) = run(cell, x, (h0[layer], c0[layer]), mask, start_step)  # type: ignore[arg-type]
             h_n.append(h)
             c_n.append(c)
         if self.batch_first:
             x = x.transpose(0, 1)
         return x, (torch.stack(h_n), torch.stack(c_n))
+
+    def hidden_grad_norms(self) -> list[Tensor]:
+        """After a probed forward and ``backward``: per layer, the batch mean of ||dloss/dh_t||_2 for every step,
+        a (T,) tensor each (see the class docstring). Raises if no probed backward has run."""
+        if not self.hidden_probes or any(p.grad is None for p in self.hidden_probes):
+            raise RuntimeError(
+                "BNLSTM.hidden_grad_norms: no gradient recorded; set probe_hidden_grad = True, run a forward pass "
+                "with gradients enabled and call backward on a loss that depends on the output"
+            )
+        return [p.grad.detach().norm(dim=-1).mean(dim=1) for p in self.hidden_probes]  # type: ignore[union-attr]
 
     def _run_layer_fused(
         self, cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: None, start: int = 0
@@ -205,25 +247,38 @@ class BNLSTM(nn.Module):
 
     @staticmethod
     def _run_layer(
-        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start: int = 0
+        cell: BNLSTMCell | BNRNNCell,
+        x: Tensor,
+        state: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        start: int = 0,
+        probe: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c); row t is time step start + t."""
+        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c); row t is time step start + t.
+
+        ``probe`` (T, B, H) of zeros, if given, is added to every h_t (diagnostics: its gradient is dloss/dh_t)."""
         # (T, B, 4H), hoisted out of the loop. unbind, not x_terms[t]: the backward of T separate index ops would
         # build T full-size zero gradients (O(T^2) memory traffic), unbind's is one stack.
         x_terms = cell.input_term(x, mask, start).unbind(0)
+        probes = [None] * len(x_terms) if probe is None else probe.unbind(0)
         h, c = state
         outputs = []
         with deferred_statistics_updates(cell):  # running statistics written once after the loop, not per step
             if mask is None:
-                for t, x_t in enumerate(x_terms, start):
+                for t, (x_t, p_t) in enumerate(zip(x_terms, probes, strict=True), start):
                     h, c = cell(x_t, (h, c), t)
+                    if p_t is not None:
+                        h = h + p_t
                     outputs.append(h)
                 return torch.stack(outputs), (h, c)
             keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
-            for t, (x_t, m_t, keep_t) in enumerate(zip(x_terms, mask.unbind(0), keep.unbind(0), strict=True), start):
+            steps = zip(x_terms, mask.unbind(0), keep.unbind(0), probes, strict=True)
+            for t, (x_t, m_t, keep_t, p_t) in enumerate(steps, start):
                 h_new, c_new = cell(x_t, (h, c), t, m_t)
                 h = torch.where(keep_t, h_new, h)
                 c = torch.where(keep_t, c_new, c)
+                if p_t is not None:
+                    h = h + p_t
                 outputs.append(h)
             return torch.stack(outputs) * keep, (h, c)  # zero outputs at padded positions
 

@@ -22,6 +22,7 @@ from torchmetrics.regression import MeanSquaredError
 
 from bnlstm_lit.models import LastStateReadout
 from bnlstm_lit.nn.cell import RecurrentInit
+from bnlstm_lit.nn.layer import CellType
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
 
@@ -41,6 +42,7 @@ class SequenceTask(BNLSTMTask):
         recurrent_init: "orthogonal", or "identity_g" (identity on the candidate block: the paper's MNIST init).
         h0_noise_std: Gaussian noise on the learned h_0 in training (0.1 for unpermuted sequential MNIST).
         dropout: between stacked layers.
+        cell: "lstm" (the BN-LSTM), or "tanh" (the BN tanh RNN of the paper's Fig. 1).
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -57,6 +59,7 @@ class SequenceTask(BNLSTMTask):
         recurrent_init: RecurrentInit = "orthogonal",
         h0_noise_std: float = 0.0,
         dropout: float = 0.0,
+        cell: CellType = "lstm",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
@@ -77,6 +80,7 @@ class SequenceTask(BNLSTMTask):
             recurrent_init=recurrent_init,
             h0_noise_std=h0_noise_std,
             dropout=dropout,
+            cell=cell,
         )
         # one metric object per split: their states must never mix (train accumulates while val runs).
         # Attributes, not ModuleDict keys: "train" would shadow nn.Module.train.
