@@ -1,4 +1,5 @@
-"""The command line: ``bnlstm-lit {fit,validate,test,predict} --config configs/....yaml`` (LightningCLI).
+"""The command line: ``bnlstm-lit {fit,validate,test,predict} --config configs/....yaml`` (LightningCLI), and
+``bnlstm-lit report ...`` (figures and the reproduction report, :mod:`bnlstm_lit.report.cli`).
 
 The task (``model:``) and the data (``data:``) are chosen by ``class_path`` -- ours or any importable subclass of
 LightningModule / LightningDataModule -- so a new task or corpus needs no edit of this package. The sizes only the
@@ -8,6 +9,7 @@ is instantiated; a YAML never repeats them.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning as L
@@ -32,8 +34,22 @@ class BNLSTMCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> BNLSTMCLI:
-    """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+def main(args: list[str] | None = None) -> BNLSTMCLI | None:
+    """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests).
+
+    ``report ...`` goes to :mod:`bnlstm_lit.report.cli` (figures and the reproduction report, no training), every
+    other subcommand to LightningCLI.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        from bnlstm_lit.report.cli import main as report_main
+
+        code = report_main(argv[1:])
+        if args is None:
+            sys.exit(code)
+        if code:
+            raise SystemExit(code)
+        return None
     return BNLSTMCLI(args=args)
 
 
