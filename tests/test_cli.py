@@ -490,12 +490,20 @@ def test_batch_size_one_with_batch_norm_is_refused(request: pytest.FixtureReques
         )
 
 
+#: overlay -> (the configs it is written for, the max_steps and hidden_size the combination must have)
+OVERLAYS: dict[str, tuple[tuple[str, ...], int, int]] = {
+    "ptb_short_cpu.yaml": (("ptb_lstm.yaml", "ptb_bnlstm.yaml"), 1000, 256),
+    "mnist_short_cpu.yaml": (("pmnist_lstm.yaml", "pmnist_bnlstm.yaml", "smnist_bnlstm.yaml"), 400, 100),
+}
+
+
 def test_overlays_parse_with_the_configs_they_name(tmp_path: Path) -> None:
     """configs/overlays/*.yaml combine with the experiment configs they are written for (checked by --print_config)."""
     overlays = sorted((CONFIGS / "overlays").glob("*.yaml"))
-    assert overlays
+    assert {overlay.name for overlay in overlays} == set(OVERLAYS), "add every overlay to OVERLAYS"
     for overlay in overlays:
-        for config in ("ptb_lstm.yaml", "ptb_bnlstm.yaml"):
+        configs, max_steps, hidden_size = OVERLAYS[overlay.name]
+        for config in configs:
             done = subprocess.run(
                 [sys.executable, "-m", "bnlstm_lit", "fit", f"--config={CONFIGS / config}", f"--config={overlay}",
                  "--print_config"],
@@ -504,4 +512,5 @@ def test_overlays_parse_with_the_configs_they_name(tmp_path: Path) -> None:
             )  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
             printed = yaml.safe_load(done.stdout)
-            assert printed["trainer"]["max_steps"] == 1000 and printed["model"]["init_args"]["hidden_size"] == 256
+            assert printed["trainer"]["max_steps"] == max_steps
+            assert printed["model"]["init_args"]["hidden_size"] == hidden_size
