@@ -35,6 +35,16 @@ def _output_dir(trainer: L.Trainer, dirpath: str | None) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / "diagnostics"
 
 
+def _loss_factor(trainer: L.Trainer, module: L.LightningModule) -> float:
+    """What the backpropagated loss must be multiplied by to be the training step's loss: Lightning's automatic
+    optimization divides it by ``accumulate_grad_batches``; a mixed-precision GradScaler multiplies it by its scale."""
+    factor = float(trainer.accumulate_grad_batches) if module.automatic_optimization else 1.0
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        factor /= float(scaler.get_scale())
+    return factor
+
+
 class _FigureLogging:
     """Shared: a figure to TensorBoard and a PNG, or a one-time warning when matplotlib is missing."""
 
@@ -68,8 +78,11 @@ class GradientFlow(Callback, _FigureLogging):
 
     Logged per layer (``<module>.<layer>``, e.g. ``net.rnn.0``): scalars ``diagnostics/grad_h/<layer>/t<t>`` at the
     steps ``times`` (default: first, quarter, half, three quarters and last step), a TensorBoard figure
-    ``diagnostics/grad_h/<layer>`` of the whole curve, and ``gradient_flow_step<N>.json`` / ``.png`` in ``dirpath``
+    ``diagnostics/grad_h`` of the whole curves, and ``gradient_flow_step<N>.json`` / ``.png`` in ``dirpath``
     (default ``<log_dir>/diagnostics``). The JSON holds ``{"step": N, "norms": {layer: [...]}}``.
+
+    The values are those of the loss the training step returns: Lightning's division by ``accumulate_grad_batches``
+    and a mixed-precision loss scale are undone.
 
     Args:
         steps: global training steps to measure at (0 is at initialization, before the first update).
@@ -121,10 +134,11 @@ class GradientFlow(Callback, _FigureLogging):
         if not self._armed:
             return
         norms: dict[str, list[float]] = {}
+        factor = _loss_factor(trainer, pl_module)
         for name, rnn in _layers(pl_module):
             if rnn.hidden_probes and all(p.grad is not None for p in rnn.hidden_probes):
                 for layer, curve in enumerate(rnn.hidden_grad_norms()):
-                    norms[f"{name}.{layer}" if name else str(layer)] = curve.float().tolist()
+                    norms[f"{name}.{layer}" if name else str(layer)] = (curve.double() * factor).tolist()
         self._arm(pl_module, False)  # once per chosen step (the first micro-batch under gradient accumulation)
         self._last_measured = trainer.global_step
         if norms:
@@ -170,7 +184,8 @@ class StatisticsStationarity(Callback, _FigureLogging):
     :class:`~bnlstm_lit.callbacks.PopulationStatistics` when that callback ran before). Logged: scalars
     ``diagnostics/settle_step/<site>`` (the step after which the statistics stay within 10% of their late-sequence
     values, :func:`~bnlstm_lit.report.analysis.settle_step`), a TensorBoard figure ``diagnostics/statistics``, and
-    ``statistics_step<N>.json`` / ``.png`` in ``dirpath`` (default ``<log_dir>/diagnostics``).
+    ``statistics_<stage>_step<N>.json`` / ``.png`` in ``dirpath`` (default ``<log_dir>/diagnostics``; stage
+    ``validation`` or ``test``, so a test right after fit does not overwrite the last validation's record).
 
     Args:
         units: channels sampled per site.
@@ -188,14 +203,14 @@ class StatisticsStationarity(Callback, _FigureLogging):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.measure(trainer, pl_module)
+            self.measure(trainer, pl_module, "validation")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.measure(trainer, pl_module)
+        self.measure(trainer, pl_module, "test")
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str = "validation") -> dict[str, Any]:
         statistics = analysis.population_statistics(pl_module.state_dict(), self.units, self.seed)
-        record = {"step": trainer.global_step, "statistics": statistics}
+        record = {"step": trainer.global_step, "stage": stage, "statistics": statistics}
         self.measured.append(record)
         if statistics:
             scalars = {f"diagnostics/settle_step/{site}": float(s["settle_step"]) for site, s in statistics.items()}
@@ -208,7 +223,7 @@ class StatisticsStationarity(Callback, _FigureLogging):
     def _write(self, trainer: L.Trainer, record: dict[str, Any]) -> None:
         directory = _output_dir(trainer, self.dirpath)
         directory.mkdir(parents=True, exist_ok=True)
-        stem = f"statistics_step{record['step']}"
+        stem = f"statistics_{record['stage']}_step{record['step']}"
         (directory / f"{stem}.json").write_text(json.dumps(record) + "\n")
         figure = self._draw(
             figures.draw_statistics, record["statistics"], f"population statistics at step {record['step']}"

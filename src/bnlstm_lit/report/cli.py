@@ -127,7 +127,12 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
         path = found[-1]
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as error:  # a pickle or zip error: not a checkpoint this loader accepts
+        raise ValueError(
+            f"{path} is not a checkpoint that loads weights-only ({type(error).__name__}: {error})"
+        ) from error
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state_dict")

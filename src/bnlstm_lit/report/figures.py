@@ -32,11 +32,14 @@ def pyplot() -> Any:
 
 
 def _save(figure: Any, path: Path, data: Mapping[str, Any]) -> Path:
+    """Write the PNG (".png" is appended to a path without it) and the JSON beside it; returns the PNG's path."""
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)  # no bbox_inches="tight": the size stays FIGSIZE * DPI
     pyplot().close(figure)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     return path
 
 

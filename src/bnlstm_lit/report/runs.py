@@ -37,7 +37,7 @@ class Run:
     Attributes:
         label: the name in figures and tables.
         dirs: its log directories.
-        scalars: metric name -> values in step order (from every directory, TensorBoard and CSV alike).
+        scalars: metric name -> values in step order, one per step (from every directory, TensorBoard and CSV alike).
         config: the saved LightningCLI configuration (the last ``config.yaml`` found), or {}.
         checkpoints: ``*.ckpt`` files under the directories, newest last.
         duration_s: the run's logged time span: TensorBoard wall times when present, else the span between the
@@ -142,12 +142,21 @@ def read_run(dirs: Sequence[str | Path], label: str | None = None) -> Run:
     for source in csvs:
         for name, values in read_csv_scalars(source).items():
             scalars.setdefault(name, []).extend(values)
-    for values in scalars.values():
-        values.sort(key=lambda v: (v.step, v.wall_time or 0.0))
+    for name, values in scalars.items():
+        scalars[name] = _one_per_step(values)
     run = Run(label or paths[0].name, paths, scalars, _read_config(paths))
     run.checkpoints = sorted((f for p in paths for f in p.rglob("*.ckpt")), key=lambda f: f.stat().st_mtime)
     run.duration_s = _duration(scalars, paths, csvs)
     return run
+
+
+def _one_per_step(values: list[Scalar]) -> list[Scalar]:
+    """Step order, one value per step: a metric logged twice at a step (by a TensorBoard and a CSV logger of the same
+    run, or a folder given twice) keeps the latest value (by wall time where known, else the last one read)."""
+    by_step: dict[int, Scalar] = {}
+    for value in sorted(values, key=lambda v: (v.step, v.wall_time if v.wall_time is not None else float("-inf"))):
+        by_step[value.step] = value
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def read_tensorboard_scalars(path: Path) -> dict[str, list[Scalar]]:
