@@ -158,7 +158,8 @@ def mnist_runs(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> dic
     root = tmp_path_factory.mktemp("mnist")
     fit_args = ["--trainer.limit_train_batches=4", "--trainer.val_check_interval=2"]
     lstm = train("fit", "smnist_lstm.yaml", root / "lstm", mnist_dir, *fit_args)
-    bn = train("fit", "smnist_bnlstm.yaml", root / "bnlstm", mnist_dir, *fit_args)
+    flow = '--trainer.callbacks+={"class_path": "bnlstm_lit.callbacks.GradientFlow", "init_args": {"steps": [0, 3]}}'
+    bn = train("fit", "smnist_bnlstm.yaml", root / "bnlstm", mnist_dir, *fit_args, flow)
     for cli in (lstm, bn):
         assert isinstance(cli.trainer.logger, TensorBoardLogger)  # the CLI's default logger
         assert cli.trainer.global_step == 4
@@ -448,6 +449,18 @@ def test_build_report(
     gradient = read_json(out / "gradient_flow.png")["gradient_norms"]
     assert all(len(curve) == 100 for curve in gradient.values())
     assert summary["gradient_norms_t0"] == {g: curve[0] for g, curve in gradient.items()}
+
+    # the GradientFlow callback's records of the BN fit (steps 0 and 3) in their own figure and section
+    assert "## Gradient flow during training" in markdown
+    flow = read_json(out / "gradient_flow_BN_LSTM.png")["gradient_norms"]
+    written = sorted((mnist_runs["bn_dir"] / "diagnostics").glob("gradient_flow_step*.json"))
+    assert [p.name for p in written] == ["gradient_flow_step0.json", "gradient_flow_step3.json"]
+    expected = {}
+    for path in written:
+        record = json.loads(path.read_text())
+        expected.update({f"step {record['step']}, {layer}": curve for layer, curve in record["norms"].items()})
+    assert flow == expected and all(len(curve) == 784 for curve in flow.values())
+    assert png_size(out / "gradient_flow_BN_LSTM.png") == SIZE
 
     # the convergence figures hold the validation curves of the logs (the test folders add none)
     curves = read_json(out / "curves_smnist.png")

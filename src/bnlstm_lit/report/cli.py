@@ -273,6 +273,23 @@ def build_report(
     if stats_lines:
         lines += ["## Population statistics (App. A)", "", *stats_lines, f"Paper: {PAPER_STATIONARITY}.", ""]
 
+    # the GradientFlow callback's measurements during training, one figure per run
+    flow_lines = []
+    for run in runs:
+        records = gradient_flow_records(run)
+        if not records:
+            continue
+        name = f"gradient_flow_{_slug(run.label)}.png"
+        curves = {f"step {r['step']}, {layer}": curve for r in records for layer, curve in r["norms"].items()}
+        figures.save_figure(figures.draw_gradient_flow(curves, f"{run.label}: dloss/dh_t during training", "{}"),
+                            out / name, {"gradient_norms": curves})  # fmt: skip
+        flow_lines += [f"![gradient flow of {run.label}]({name})", ""]
+        for label, curve in curves.items():
+            flow_lines.append(f"- {run.label}, {label}: ||dloss/dh_t|| t=0 {curve[0]:.3g}, t=T-1 {curve[-1]:.3g}")
+        flow_lines.append("")
+    if flow_lines:
+        lines += ["## Gradient flow during training (GradientFlow callback)", "", *flow_lines]
+
     # Fig. 1
     if mnist is not None:
         data = make_gamma_figures(mnist, out, gammas, steps=gamma_steps)
@@ -295,6 +312,13 @@ def build_report(
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def gradient_flow_records(run: Run) -> list[dict[str, Any]]:
+    """The JSON records the :class:`~bnlstm_lit.callbacks.GradientFlow` callback wrote under a run's folders."""
+    paths = sorted({p for d in run.dirs for p in d.rglob("gradient_flow_step*.json")})
+    records = [json.loads(p.read_text()) for p in paths]
+    return sorted((r for r in records if isinstance(r, dict) and "norms" in r), key=lambda r: r["step"])
 
 
 def _slug(label: str) -> str:

@@ -31,7 +31,7 @@ def pyplot() -> Any:
     return plt
 
 
-def _save(figure: Any, path: Path, data: Mapping[str, Any]) -> Path:
+def save_figure(figure: Any, path: Path, data: Mapping[str, Any]) -> Path:
     """Write the PNG (".png" is appended to a path without it) and the JSON beside it; returns the PNG's path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -66,7 +66,7 @@ def gradient_flow_figure(
     """Fig. 1b: one curve per γ of the batch-mean ||dloss/dh_t|| against t, log scale."""
     ordered = dict(sorted(norms.items()))
     figure = draw_gradient_flow({f"{g:g}": c for g, c in ordered.items()}, title)
-    return _save(figure, path, {"gradient_norms": {f"{g:g}": list(c) for g, c in ordered.items()}})
+    return save_figure(figure, path, {"gradient_norms": {f"{g:g}": list(c) for g, c in ordered.items()}})
 
 
 def tanh_derivative_figure(data: Mapping[str, Sequence[float]], path: Path) -> Path:
@@ -80,7 +80,7 @@ def tanh_derivative_figure(data: Mapping[str, Sequence[float]], path: Path) -> P
     axis.set_ylim(0, 1.02)
     axis.legend()
     figure.tight_layout()
-    return _save(figure, path, {key: list(values) for key, values in data.items()})
+    return save_figure(figure, path, {key: list(values) for key, values in data.items()})
 
 
 def curves_figure(
@@ -102,7 +102,7 @@ def curves_figure(
         "metric": metric,
         "curves": {label: {"steps": list(s), "values": list(v)} for label, (s, v) in curves.items()},
     }
-    return _save(figure, path, data)
+    return save_figure(figure, path, data)
 
 
 def sweep_figure(sweeps: Mapping[str, Mapping[int, float]], path: Path) -> Path:
@@ -118,12 +118,12 @@ def sweep_figure(sweeps: Mapping[str, Mapping[int, float]], path: Path) -> Path:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     data = {"sweeps": {label: {str(n): v for n, v in sorted(points.items())} for label, points in sweeps.items()}}
-    return _save(figure, path, data)
+    return save_figure(figure, path, data)
 
 
 def statistics_figure(statistics: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path:
     """App. A: per-step population mean (left) and variance (right) of a sample of units, one row per BN site."""
-    return _save(draw_statistics(statistics, title), path, {"statistics": dict(statistics)})
+    return save_figure(draw_statistics(statistics, title), path, {"statistics": dict(statistics)})
 
 
 def draw_statistics(statistics: Mapping[str, Mapping[str, Any]], title: str = "") -> Any:
