@@ -97,7 +97,8 @@ def test_read_run_tensorboard_logger_gives_exact_values_and_steps(tmp_path: Path
 
 
 def test_read_run_finds_config_and_checkpoints_recursively(tmp_path: Path) -> None:
-    folder = csv_log(tmp_path, "run", [(4, {"val/acc": 0.75})])
+    # steps= counts training steps (train/ metrics), not the later steps of other metrics
+    folder = csv_log(tmp_path, "run", [(4, {"train/loss": 1.5}), (7, {"val/acc": 0.75})])
     saved = config("bnlstm_lit.data.PTBChar", normalize=False, hidden_size=16)
     (folder / "config.yaml").write_text(yaml.safe_dump(saved))
     (folder / "checkpoints").mkdir()

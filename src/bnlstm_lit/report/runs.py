@@ -80,8 +80,15 @@ class Run:
 
     @property
     def last_step(self) -> int | None:
+        """The last step any metric was logged at (None without metrics)."""
         steps = [v.step for values in self.scalars.values() for v in values]
         return max(steps) if steps else None
+
+    @property
+    def training_steps(self) -> int | None:
+        """Training steps the run logged: one more than the last step of a ``train/`` metric (None without any)."""
+        steps = [v.step for name, values in self.scalars.items() if name.startswith("train/") for v in values]
+        return max(steps) + 1 if steps else None
 
 
 def _dirs(dirs: Sequence[Path]) -> str:
@@ -267,8 +274,8 @@ def settings_of(run: Run) -> str:
     lr = _init_args(optimizer).get("lr") if isinstance(optimizer, dict) else None
     if lr is not None:
         parts.append(f"{_class_name(optimizer)} lr={lr}")
-    if run.last_step is not None:
-        parts.append(f"steps={run.last_step + 1}")
+    if run.training_steps is not None:
+        parts.append(f"steps={run.training_steps}")
     return ", ".join(parts)
 
 
