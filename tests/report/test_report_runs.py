@@ -6,6 +6,7 @@ Logs are made here with Lightning's own loggers at known steps, so every value r
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from bnlstm_lit.report.runs import (
     load_runs,
     parse_run_argument,
     read_run,
+    read_tensorboard_scalars,
     settings_of,
     sweep_of,
     variant_of,
@@ -355,3 +357,23 @@ def test_gradient_flow_vs_gamma_refuses_bad_input() -> None:
         analysis.gradient_flow_vs_gamma(inputs[..., 0], targets, [0.1], hidden_size=4)
     with pytest.raises(ValueError, match=r"targets must be \(B,\)"):
         analysis.gradient_flow_vs_gamma(inputs, targets[:2], [0.1], hidden_size=4)
+
+
+def test_run_time_sums_the_logged_spans_of_a_fit_and_a_later_test(tmp_path: Path) -> None:
+    """A fit (CSV, 100 s from its config to its last write) and a test made an hour later (CSV, 30 s): 130 s, the hour
+    between them does not count."""
+    fit = csv_log(tmp_path, "fit", [(3, {"train/loss": 1.0})])
+    test = csv_log(tmp_path, "test", [(0, {"test/acc": 0.5})])
+    for folder, start, end in ((fit, 1_000_000.0, 1_000_100.0), (test, 1_003_600.0, 1_003_630.0)):
+        (folder / "config.yaml").write_text(yaml.safe_dump(config("bnlstm_lit.data.PermutedMNIST")))
+        os.utime(folder / "config.yaml", (start, start))
+        os.utime(folder / "metrics.csv", (end, end))
+    assert read_run([fit, test]).duration_s == pytest.approx(130.0)
+    assert read_run([fit]).duration_s == pytest.approx(100.0)
+
+
+def test_run_time_of_tensorboard_logs_is_the_span_of_each_event_file(tmp_path: Path) -> None:
+    folder = tb_log(tmp_path, "tb", [(0, {"train/loss": 1.0}), (5, {"train/loss": 0.5})])
+    (events,) = folder.glob("events.out.tfevents.*")
+    times = [v.wall_time for v in read_tensorboard_scalars(events)["train/loss"]]
+    assert read_run([folder]).duration_s == pytest.approx(max(times) - min(times))

@@ -40,8 +40,10 @@ class Run:
         scalars: metric name -> values in step order, one per step (from every directory, TensorBoard and CSV alike).
         config: the saved LightningCLI configuration (the last ``config.yaml`` found), or {}.
         checkpoints: ``*.ckpt`` files under the directories, newest last.
-        duration_s: the run's logged time span: TensorBoard wall times when present, else the span between the
-            config file and the last metrics file (an approximation); None if neither is known.
+        duration_s: the run's logged time, summed over its log files (a fit and a later test add up; the time
+            between them does not count): per TensorBoard event file the span of its wall times, per CSV
+            ``metrics.csv`` the span from the ``config.yaml`` beside it to the file's last write (an approximation);
+            None if neither is known.
     """
 
     label: str
@@ -143,17 +145,26 @@ def read_run(dirs: Sequence[str | Path], label: str | None = None) -> Run:
             "metrics.csv (run with a TensorBoardLogger or CSVLogger)"
         )
     scalars: dict[str, list[Scalar]] = {}
+    spans: list[float] = []  # the logged time of each source (a fit and a later test add, the gap between does not)
     for source in events:
+        times = []
         for name, values in read_tensorboard_scalars(source).items():
             scalars.setdefault(name, []).extend(values)
+            times += [v.wall_time for v in values if v.wall_time is not None]
+        if len(times) >= 2:
+            spans.append(max(times) - min(times))
+    event_dirs = {f.parent for f in events}
     for source in csvs:
         for name, values in read_csv_scalars(source).items():
             scalars.setdefault(name, []).extend(values)
+        config = source.parent / "config.yaml"
+        if source.parent not in event_dirs and config.is_file():  # CSV: from the saved config to the last write
+            spans.append(max(source.stat().st_mtime - config.stat().st_mtime, 0.0))
     for name, values in scalars.items():
         scalars[name] = _one_per_step(values)
     run = Run(label or paths[0].name, paths, scalars, _read_config(paths))
     run.checkpoints = sorted((f for p in paths for f in p.rglob("*.ckpt")), key=lambda f: f.stat().st_mtime)
-    run.duration_s = _duration(scalars, paths, csvs)
+    run.duration_s = sum(spans) if spans else None
     return run
 
 
@@ -202,18 +213,6 @@ def _read_config(paths: Sequence[Path]) -> dict[str, Any]:
         if isinstance(loaded, dict):
             return loaded
     return {}
-
-
-def _duration(scalars: dict[str, list[Scalar]], paths: Sequence[Path], csvs: Sequence[Path]) -> float | None:
-    times = [v.wall_time for values in scalars.values() for v in values if v.wall_time is not None]
-    if len(times) >= 2:
-        return max(times) - min(times)
-    configs = [f for p in paths for f in p.rglob("config.yaml")]
-    if configs and csvs:
-        start = min(f.stat().st_mtime for f in configs)
-        end = max(f.stat().st_mtime for f in csvs)
-        return max(end - start, 0.0)
-    return None
 
 
 def _class_name(section: Any) -> str:
