@@ -123,22 +123,26 @@ def population_statistics(state_dict: Mapping[str, Any], units: int = 8, seed: i
     return out
 
 
-def settle_step(mean: Tensor, var: Tensor, tolerance: float = 0.1) -> int:
+def settle_step(mean: Tensor, var: Tensor, tolerance: float = 0.1, noise_factor: float = 3.0) -> int:
     """The first step after which the per-step statistics stay near their late-sequence values.
 
-    The reference is the average over the second half of the steps; step t is "near" when, averaged over the
-    channels, |mean_t - mean_ref| / sqrt(var_ref) and |var_t - var_ref| / var_ref are both at most ``tolerance``.
-    Returns the first t from which every later step is near (T if none).
+    The reference is the average over the second half of the steps. Step t's distances are, averaged over the
+    channels, |mean_t - mean_ref| / sqrt(var_ref) and |var_t - var_ref| / var_ref. A step is "near" when each
+    distance is at most ``tolerance`` or ``noise_factor`` times that distance's median over the second half,
+    whichever is larger (statistics estimated from a few batches fluctuate from step to step; the fluctuation is not
+    a trend). Returns the first t from which every later step is near (T if none).
 
     Shapes: mean, var (T, C).
     """
     T = mean.shape[0]
     if T < 2:
         return 0
-    ref_mean = mean[T // 2 :].mean(0)
-    ref_var = var[T // 2 :].mean(0).clamp_min(1e-12)
-    mean_distance = ((mean - ref_mean).abs() / ref_var.sqrt()).mean(1)  # (T,)
-    var_distance = ((var - ref_var).abs() / ref_var).mean(1)
-    near = (mean_distance <= tolerance) & (var_distance <= tolerance)  # (T,)
+    late = slice(T // 2, None)
+    ref_mean = mean[late].mean(0)
+    ref_var = var[late].mean(0).clamp_min(1e-12)
+    near = torch.ones(T, dtype=torch.bool)
+    for distance in (((mean - ref_mean).abs() / ref_var.sqrt()).mean(1), ((var - ref_var).abs() / ref_var).mean(1)):
+        threshold = max(tolerance, noise_factor * float(distance[late].median()))
+        near &= distance <= threshold  # (T,)
     far = (~near).nonzero().flatten()
     return 0 if far.numel() == 0 else int(far[-1]) + 1
