@@ -377,3 +377,16 @@ def test_run_time_of_tensorboard_logs_is_the_span_of_each_event_file(tmp_path: P
     (events,) = folder.glob("events.out.tfevents.*")
     times = [v.wall_time for v in read_tensorboard_scalars(events)["train/loss"]]
     assert read_run([folder]).duration_s == pytest.approx(max(times) - min(times))
+
+
+def test_settle_step_tolerates_late_noise_but_not_an_early_transient() -> None:
+    """Estimated statistics wobble up to 30% from step to step (beyond the 10% tolerance): that is noise, not a trend;
+    a transient of 10 steps far outside the noise still counts."""
+    generator = torch.Generator().manual_seed(0)
+    T, C, k = 200, 16, 10
+    mean = torch.zeros(T, C, dtype=torch.float64)
+    var = 1.0 + 0.3 * (2 * torch.rand(T, C, generator=generator, dtype=torch.float64) - 1)
+    assert analysis.settle_step(mean, var, noise_factor=1.0) > T // 2  # noise alone: "never settles" at factor 1
+    assert analysis.settle_step(mean, var) == 0
+    var[:k] = 10.0
+    assert analysis.settle_step(mean, var) == k
