@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import IterableDataset
 
 from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
 
@@ -20,6 +23,10 @@ class PopulationStatistics(Callback):
     Without this callback, evaluation uses the running averages kept during training (the paper uses those only
     for monitoring). The LightningModule may define ``statistics_forward(batch)`` to say how a training batch runs
     through the network; by default ``batch[0]`` is passed to the module.
+
+    Under DDP each process runs its share of the training batches (batch i goes to rank i mod world size; an
+    IterableDataset, which shards itself by rank as Lightning expects, is read as it comes) and the per-process
+    averages are combined into the average over all batches read, identical on every process.
 
     Args:
         before_validation: estimate before every validation run (the sanity check excluded). Costs a pass over the
@@ -96,9 +103,17 @@ class PopulationStatistics(Callback):
                 "PopulationStatistics callback to evaluate with the running averages"
             )
         start = time.perf_counter()
-        used = estimate_population_statistics(pl_module, loader, forward=forward, max_batches=max_batches)
+        world, rank = trainer.world_size, trainer.global_rank
+        batches: Iterable[Any] = loader
+        if world > 1 and not isinstance(loader.dataset, IterableDataset):
+            batches = itertools.islice(loader, rank, max_batches, world)  # this rank's share of the first max_batches
+            max_batches = None
+        used = estimate_population_statistics(
+            pl_module, batches, forward=forward, max_batches=max_batches, distributed=world > 1
+        )
+        where = f" on rank {rank} of {world} (combined over all ranks)" if world > 1 else ""
         rank_zero_info(
-            f"[bnlstm_lit] population statistics estimated over {used} training batches "
+            f"[bnlstm_lit] population statistics estimated over {used} training batches{where} "
             f"in {time.perf_counter() - start:.1f}s"
         )
         return used

@@ -1,7 +1,7 @@
 """Pure-PyTorch building blocks (never imports lightning): per-step batch norm, the BN-LSTM and BN tanh RNN cells,
 the layer."""
 
-from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, batchnorm_sites, set_eval_statistics
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, batchnorm_sites, set_eval_statistics, set_sync_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell
 from bnlstm_lit.nn.layer import BNLSTM
 from bnlstm_lit.nn.statistics import estimate_population_statistics
@@ -14,4 +14,5 @@ __all__ = [
     "batchnorm_sites",
     "estimate_population_statistics",
     "set_eval_statistics",
+    "set_sync_statistics",
 ]

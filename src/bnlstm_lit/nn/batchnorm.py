@@ -10,15 +10,23 @@ length-T sequences run on longer ones.
 Padding: an optional boolean mask (True = real position) excludes padded positions from every mean and variance.
 Rule for a step where fewer than two sequences are real (only possible with a mask): the batch variance is undefined
 (or zero), so that step is normalized with the population statistics of that step, and it does not update them.
+
+Distributed training: by default each process normalizes with the statistics of its own batch. With
+``sync_statistics`` (:func:`set_sync_statistics`) the per-step counts, sums and squared deviations are all-reduced in
+training, so every process normalizes over the global batch -- the same numbers as one process with the whole batch
+-- and gradients flow through the reduction (``torch.distributed.nn``). The running statistics are then identical on
+every process as well.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,6 +61,10 @@ class SequenceBatchNorm(nn.Module):
     Attributes:
         eval_statistics: ``"population"`` (default) or ``"batch"``: which statistics evaluation mode uses. Set it for
             a whole model with :func:`set_eval_statistics`.
+        sync_statistics: in training under ``torch.distributed`` with more than one process, compute the per-step
+            statistics over the global batch (all-reduced counts, sums and squared deviations; two collectives per
+            call). Set it for a whole model with :func:`set_sync_statistics`. Evaluation with batch statistics stays
+            per process (evaluation loaders may differ in length between processes).
     """
 
     running_mean: Tensor
@@ -84,6 +96,7 @@ class SequenceBatchNorm(nn.Module):
         self.momentum = momentum
         self.gamma_init = gamma_init
         self.eval_statistics: EvalStatistics = "population"
+        self.sync_statistics = False
         # pending running-statistics updates while inside deferred_statistics_updates() (None: apply at once)
         self._deferred: list[tuple[int, Tensor, Tensor, Tensor | None]] | None = None
         self.weight = nn.Parameter(torch.empty(num_features)) if affine else None
@@ -157,10 +170,19 @@ class SequenceBatchNorm(nn.Module):
                 y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
                 return y.unsqueeze(0)
             return self._normalize_with(x, mean, var)
-        self.check_batch_statistics(start, T, B)
+        syncing = self.training and self.syncing()
+        self.check_batch_statistics(start, T, max(B, 2) if syncing else B)  # synced: the global batch counts
+        if syncing:
+            mean, var, global_valid = _synced_statistics(x, mask)  # over every process's batch, differentiable
+            pop_mean, pop_var = self._population(start, T)
+            mean = torch.where(global_valid[:, None], mean, pop_mean)
+            var = torch.where(global_valid[:, None], var, pop_var)
+            y = self._normalize_with(x, mean, var)
+            self._update_running_stats(start, mean.detach(), var.detach(), global_valid)
+            return y
+        valid: Tensor | None = None
         if mask is None:
             y, mean, var = self._batch_norm_unmasked(x)
-            valid = None
         else:
             mean, var, valid = _masked_statistics(x, mask)  # (T, C), (T, C), (T,)
             # steps with < 2 real sequences: fall back to the population statistics (module docstring)
@@ -171,6 +193,10 @@ class SequenceBatchNorm(nn.Module):
         if self.training:
             self._update_running_stats(start, mean, var, valid)
         return y
+
+    def syncing(self) -> bool:
+        """True when training statistics are all-reduced: ``sync_statistics`` on and more than one process."""
+        return self.sync_statistics and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _normalize_with(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """γ (x - mean_t) / sqrt(var_t + ε) + β for x (T, B, C) and per-step statistics (T, C)."""
@@ -278,6 +304,38 @@ def _masked_statistics(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return mean, var, count[:, 0] >= 2
 
 
+def _synced_statistics(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step mean and biased variance over the batch axes of every process (the global batch), padding excluded.
+
+    Two all-reduces (sums with counts, then sums of squared deviations from the global mean: the same two-pass
+    arithmetic as one process with the whole batch). ``torch.distributed.nn.functional.all_reduce`` carries the
+    gradient to every process's inputs. Returns (mean (T, C), var (T, C), valid (T,) bool: at least 2 real sequences
+    in the global batch), in at least float32.
+    """
+    from torch.distributed.nn.functional import all_reduce as _all_reduce
+
+    def all_reduce(tensor: Tensor) -> Tensor:
+        # the autograd-aware collective; torch >= 2.9 marks it deprecated in favour of functional collectives whose
+        # all_reduce has no autograd formula yet, so it stays, without the warning on every call
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return _all_reduce(tensor)
+
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    T, B, C = xs.shape
+    keep = torch.ones(T, B, 1, dtype=torch.bool, device=x.device) if mask is None else mask[:, :, None]
+    if keep.shape[:2] != (T, B):
+        raise ValueError(f"mask of shape {tuple(keep.shape[:2])} does not match the (T, B) = {(T, B)} input")
+    count = keep.sum(dim=1).to(xs.dtype)  # (T, 1)
+    sums = torch.where(keep, xs, 0.0).sum(dim=1)  # (T, C)
+    totals = all_reduce(torch.cat([sums, count], dim=1))  # (T, C + 1), summed over processes
+    total_count = totals[:, C:].detach()
+    mean = totals[:, :C] / total_count.clamp(min=1.0)
+    squares = torch.where(keep, (xs - mean[:, None]).square(), 0.0).sum(dim=1)
+    var = all_reduce(squares) / total_count.clamp(min=1.0)
+    return mean, var, total_count[:, 0] >= 2
+
+
 @contextmanager
 def deferred_statistics_updates(module: nn.Module) -> Iterator[None]:
     """Collect the running-statistics updates of every training SequenceBatchNorm in ``module`` and apply them on exit.
@@ -303,6 +361,12 @@ def set_eval_statistics(module: nn.Module, mode: EvalStatistics) -> None:
         raise ValueError(f"eval statistics must be 'population' or 'batch', got {mode!r}")
     for site in batchnorm_sites(module):
         site.eval_statistics = mode
+
+
+def set_sync_statistics(module: nn.Module, sync: bool) -> None:
+    """Turn the all-reduce of training statistics over processes on or off for every site in ``module``."""
+    for site in batchnorm_sites(module):
+        site.sync_statistics = bool(sync)
 
 
 def batchnorm_sites(module: nn.Module) -> list[SequenceBatchNorm]:

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates
+from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
 
@@ -47,6 +47,8 @@ class BNLSTM(nn.Module):
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
             where the compiled code's matmul is MKL's rather than oneDNN's.
+        sync_statistics: under ``torch.distributed`` with several processes, normalize over the global batch in
+            training (:func:`~bnlstm_lit.nn.batchnorm.set_sync_statistics`; runs the reference loop).
         cell: ``"lstm"`` (the BN-LSTM) or ``"tanh"`` (the BN tanh RNN of the paper's Fig. 1,
             :class:`~bnlstm_lit.nn.cell.BNRNNCell`, reference loop only; its ``c`` state is carried unchanged and
             ``c0`` is a zero buffer, not a parameter).
@@ -81,6 +83,7 @@ class BNLSTM(nn.Module):
         fused: bool = True,
         compile_steps: bool = False,
         cell: CellType = "lstm",
+        sync_statistics: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -118,6 +121,7 @@ class BNLSTM(nn.Module):
             )
             for layer in range(num_layers)
         )
+        set_sync_statistics(self, sync_statistics)
         self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))  # learned initial state
         if cell == "lstm":
             self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
@@ -209,6 +213,8 @@ class BNLSTM(nn.Module):
             return self._run_layer_population(cell, x, state, start)
         if not (cell.training and bn_h.training and bn_c.training):
             return self._run_layer(cell, x, state, mask, start)  # sites in mixed modes
+        if bn_h.syncing() or bn_c.syncing():
+            return self._run_layer(cell, x, state, mask, start)  # statistics all-reduced over processes
         T, B, _ = x.shape
         bn_h.check_batch_statistics(start, T, B)
         x_terms = cell.input_term(x, None, start)  # (T, B, 4H), its own statistics kept by bn_x

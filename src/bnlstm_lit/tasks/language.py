@@ -51,6 +51,9 @@ class CharLanguageModel(BNLSTMTask):
         recurrent_init: "orthogonal" (the paper's language models) or "identity_g".
         dropout: between stacked layers.
         sweep_statistics: the statistics the length-sweep protocol evaluates with (each logged under its name).
+        sync_statistics: under DDP, normalize over the global batch in training (per-step statistics all-reduced
+            over processes; the reference loop runs instead of the fused kernels). Off: each process normalizes
+            with its own batch.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -67,6 +70,7 @@ class CharLanguageModel(BNLSTMTask):
         recurrent_init: RecurrentInit = "orthogonal",
         dropout: float = 0.0,
         sweep_statistics: list[EvalStatistics] | None = None,
+        sync_statistics: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
@@ -92,6 +96,7 @@ class CharLanguageModel(BNLSTMTask):
             momentum=momentum,
             recurrent_init=recurrent_init,
             dropout=dropout,
+            sync_statistics=sync_statistics,
         )
         # one metric object per split and protocol: their states must never mix
         self.train_bpc = BitsPerCharacter()

@@ -43,6 +43,9 @@ class SequenceTask(BNLSTMTask):
         h0_noise_std: Gaussian noise on the learned h_0 in training (0.1 for unpermuted sequential MNIST).
         dropout: between stacked layers.
         cell: "lstm" (the BN-LSTM), or "tanh" (the BN tanh RNN of the paper's Fig. 1).
+        sync_statistics: under DDP, normalize over the global batch in training (per-step statistics all-reduced
+            over processes; the reference loop runs instead of the fused kernels). Off: each process normalizes
+            with its own batch.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -60,6 +63,7 @@ class SequenceTask(BNLSTMTask):
         h0_noise_std: float = 0.0,
         dropout: float = 0.0,
         cell: CellType = "lstm",
+        sync_statistics: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
@@ -80,6 +84,7 @@ class SequenceTask(BNLSTMTask):
             recurrent_init=recurrent_init,
             h0_noise_std=h0_noise_std,
             dropout=dropout,
+            sync_statistics=sync_statistics,
             cell=cell,
         )
         # one metric object per split: their states must never mix (train accumulates while val runs).
