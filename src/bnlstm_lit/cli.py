@@ -33,6 +33,28 @@ class BNLSTMCLI(LightningCLI):
         for name in LINKED_SIZES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        """Checks that need the instantiated objects, before any download (prepare_data) or training step."""
+        check_monitors(self.model, self.trainer)
+
+
+def check_monitors(model: L.LightningModule, trainer: L.Trainer) -> None:
+    """Every ``monitor`` (callbacks such as ModelCheckpoint / EarlyStopping, and the task's own for an LR scheduler)
+    must name a metric the task logs; otherwise a typo surfaces only after the first epoch, or never."""
+    known_metrics = getattr(model, "monitorable_metrics", None)
+    known = known_metrics() if callable(known_metrics) else None
+    if not known:
+        return
+    wanted = [(f"trainer.callbacks[{i}] ({type(cb).__name__}).monitor", getattr(cb, "monitor", None))
+              for i, cb in enumerate(getattr(trainer, "callbacks", []))]  # fmt: skip
+    if getattr(model, "lr_scheduler", None) is not None:
+        wanted.append(("model.init_args.monitor", getattr(model, "monitor", None)))
+    for flag, name in wanted:
+        if isinstance(name, str) and name not in known:
+            raise ValueError(
+                f"{flag} is {name!r}, which {type(model).__name__} does not log; it logs: {', '.join(sorted(known))}"
+            )
+
 
 def main(args: list[str] | None = None) -> BNLSTMCLI | None:
     """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests).

@@ -51,6 +51,11 @@ class BNLSTMTask(L.LightningModule):
         self.eval_statistics = eval_statistics
         self.monitor = monitor
 
+    def monitorable_metrics(self) -> set[str] | None:
+        """The metric names a fit of this task logs and a callback or scheduler may monitor (checked by the CLI
+        before any data is downloaded or any step runs); None when a subclass cannot say (nothing is checked)."""
+        return None
+
     # ---- evaluation statistics ---------------------------------------------------------------------------------------
     def _use_eval_statistics(self, stage: str) -> None:
         set_eval_statistics(self, self.eval_statistics)

@@ -134,6 +134,9 @@ class CharLanguageModel(BNLSTMTask):
         self._states[stream] = (h.detach(), c.detach())
         return logits
 
+    def monitorable_metrics(self) -> set[str]:
+        return {"train/loss", "train/loss_step", "train/loss_epoch", "train/bpc", "val/loss", "val/bpc"}
+
     def statistics_forward(self, batch: TextBatch) -> None:
         """How :class:`~bnlstm_lit.callbacks.PopulationStatistics` runs a training batch (streams keep their state)."""
         self._run(batch, "statistics")

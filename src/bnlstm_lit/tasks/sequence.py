@@ -107,6 +107,11 @@ class SequenceTask(BNLSTMTask):
         """What the metrics are updated with (by default the raw outputs and targets)."""
         return outputs, targets
 
+    def monitorable_metrics(self) -> set[str]:
+        names = {"loss", *self.make_metrics().keys()}
+        fit = {f"{split}/{name}" for split in ("train", "val") for name in names}
+        return fit | {"train/loss_step", "train/loss_epoch"}  # train/loss is logged per step and per epoch
+
     # ---- the network ------------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
         return self.net(inputs, lengths)
