@@ -418,6 +418,11 @@ def plain_lstm(
     x (T, B, I), state (h_0, c_0) each (B, H) -> outputs (T, B, H), (h_T, c_T).
     """
     h0, c0 = state
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16:
+        # oneDNN has no fp16 LSTM on CPU ("could not create a primitive descriptor"): run this layer in float32
+        with torch.autocast("cpu", enabled=False):
+            outputs, (h, c) = plain_lstm(x.float(), (h0.float(), c0.float()), weight_ih, weight_hh, bias)
+        return outputs, (h, c)
     params = [weight_ih, weight_hh, bias, torch.zeros_like(bias)]  # torch's LSTM has two biases; ours is b_ih + 0
     outputs, h_n, c_n = torch.lstm(x, (h0[None], c0[None]), params, True, 1, 0.0, torch.is_grad_enabled(), False, False)
     return outputs, (h_n[0], c_n[0])
