@@ -1,7 +1,16 @@
 """Lightning callbacks of bnlstm_lit."""
 
 from bnlstm_lit.callbacks.diagnostics import GradientFlow, StatisticsStationarity
+from bnlstm_lit.callbacks.failsafe import NonFiniteError, NonFiniteGuard, NonFiniteWarning
 from bnlstm_lit.callbacks.population import PopulationStatistics
 from bnlstm_lit.callbacks.predictions import PredictionWriter
 
-__all__ = ["GradientFlow", "PopulationStatistics", "PredictionWriter", "StatisticsStationarity"]
+__all__ = [
+    "GradientFlow",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "NonFiniteWarning",
+    "PopulationStatistics",
+    "PredictionWriter",
+    "StatisticsStationarity",
+]
