@@ -137,3 +137,19 @@ def test_every_parameter_of_every_shipped_config_gets_a_gradient(config: Path, t
     made.trainer.fit(made.model, made.datamodule)
     assert len(probe.unused) == 2
     assert probe.unused == [[], []], f"{config.name}: parameters without a gradient: {probe.unused}"
+
+
+def test_console_script_exits_zero_after_a_successful_fit(tmp_path: Path) -> None:
+    """The console script pip generates runs ``sys.exit(main())``: main must return None, not the CLI object."""
+    code = (
+        "import sys; from bnlstm_lit.cli import main; "
+        f"sys.argv = ['bnlstm-lit', 'fit', '--config={CONFIGS / 'adding_bnlstm.yaml'}', '--config={DEBUG}', "
+        f"'--trainer.default_root_dir={tmp_path}', '--trainer.enable_progress_bar=false', "
+        "'--trainer.limit_train_batches=2', '--trainer.limit_val_batches=1']; sys.exit(main())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
+    assert "BNLSTMCLI object" not in done.stdout + done.stderr

@@ -60,7 +60,7 @@ def main(args: list[str] | None = None) -> BNLSTMCLI | None:
     """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests).
 
     ``report ...`` goes to :mod:`bnlstm_lit.report.cli` (figures and the reproduction report, no training), every
-    other subcommand to LightningCLI.
+    other subcommand to LightningCLI. Returns the CLI object when ``args`` is given, else None (exit status 0).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
@@ -72,7 +72,9 @@ def main(args: list[str] | None = None) -> BNLSTMCLI | None:
         if code:
             raise SystemExit(code)
         return None
-    return BNLSTMCLI(args=args)
+    cli = BNLSTMCLI(args=args)
+    # the console script does sys.exit(main()): an object there would print itself and exit with status 1
+    return cli if args is not None else None
 
 
 if __name__ == "__main__":
