@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnlstm_lit.data.base import SequenceDataModule
+from bnlstm_lit.data.base import EpochShuffle, SequenceDataModule, loader_generator
 
 #: MSE of always predicting the mean target 1.0: Var(U1 + U2) = 2/12.
 CHANCE_MSE = 1.0 / 6.0
@@ -96,14 +96,17 @@ class AddingProblem(SequenceDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"AddingProblem.setup() must run before the {split} dataloader is requested")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        if shuffle:  # training: the order of epoch e from (seed, e), resumable mid-epoch
+            sampler = EpochShuffle(len(self.datasets[split]), self.seed)
+            self.prepare_train_sampler(sampler, self.batch_size)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,  # no size-1 tail batch in training (batch statistics need two sequences)
             num_workers=self.num_workers,
-            generator=generator,
+            generator=loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -8,17 +8,119 @@ A DataModule exposes, as properties available right after ``__init__`` (before `
 
 The CLI links them into the model (``link_arguments(..., apply_on="instantiate")``), so no YAML repeats them.
 Batches are tuples ``(inputs, targets)`` with ``inputs`` float (B, T, C), batch first.
+
+Exact resume: the training order of epoch e is a function of (seed, e) alone (:class:`EpochShuffle`), and the
+DataModule's ``state_dict`` records how many batches of the current epoch the run had consumed, so a run resumed
+from a mid-epoch checkpoint reads the rest of that epoch in the same order (one process; see
+:meth:`SequenceDataModule.prepare_train_sampler`). Loaders get their own generator, so creating their iterators never
+draws from the global random state the model's noise comes from.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Protocol):
+    """A training sampler whose order depends only on (seed, epoch) and that can start part-way into an epoch."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def skip(self, count: int) -> None: ...
+
+
+class EpochShuffle(Sampler[int]):
+    """A fresh random order of ``range(size)`` every epoch, drawn from a generator seeded with (seed, epoch).
+
+    :meth:`skip` makes the next iteration start ``count`` indices into the epoch's order (once), for a run resumed
+    mid-epoch; ``len`` stays the epoch's length, as Lightning expects of a resumed loader.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, count: int) -> None:
+        self._skip = count
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        start, self._skip = self._skip, 0
+        yield from order[start:].tolist()
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from (not the global random state)."""
+    return torch.Generator().manual_seed(seed)
 
 
 class SequenceDataModule(L.LightningDataModule, ABC):
-    """Base class of the sequence DataModules; subclasses say where the data comes from and how it splits."""
+    """Base class of the sequence DataModules; subclasses say where the data comes from and how it splits.
+
+    ``state_dict`` holds the training position (epoch, batches consumed in it); subclasses that keep state of their
+    own extend ``state_dict`` / ``load_state_dict`` and call the base's.
+    """
+
+    _resume_position: dict[str, int] | None = None
+
+    # ---- exact resume --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        position = self._train_position()
+        return {} if position is None else {"train_position": position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        self._resume_position = dict(position) if isinstance(position, dict) else None
+
+    def _train_position(self) -> dict[str, int] | None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        epoch_batches = trainer.num_training_batches
+        return {
+            "epoch": int(trainer.current_epoch),
+            "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),  # fetched and run
+            "epoch_batches": int(epoch_batches) if epoch_batches != float("inf") else -1,
+        }
+
+    def prepare_train_sampler(self, sampler: ResumableSampler, batch_size: int) -> None:
+        """Set a training sampler to the trainer's epoch, and after a restore from a mid-epoch checkpoint, skip the
+        examples the run had already consumed in that epoch (``fit`` in one process; under DDP Lightning shards the
+        sampler's order itself and the epoch restarts, with Lightning's warning)."""
+        trainer = self.trainer
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        sampler.set_epoch(int(trainer.current_epoch) if fitting and trainer is not None else 0)
+        if not fitting or trainer is None:
+            return
+        position, self._resume_position = self._resume_position, None
+        if not position or position.get("epoch") != trainer.current_epoch:
+            return
+        batches, epoch_batches = int(position.get("batches", 0)), int(position.get("epoch_batches", -1))
+        if batches <= 0 or (epoch_batches >= 0 and batches >= epoch_batches):
+            return
+        if trainer.world_size > 1:
+            rank_zero_warn(f"resuming mid-epoch under DDP: epoch {trainer.current_epoch} restarts from its beginning")
+            return
+        sampler.skip(batches * batch_size)
+        rank_zero_info(
+            f"[bnlstm_lit] resuming epoch {trainer.current_epoch} after its first {batches} training batches, in the "
+            "same order"
+        )
 
     @property
     @abstractmethod

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from bnlstm_lit.data.base import SequenceDataModule, check_int
+from bnlstm_lit.data.base import EpochShuffle, SequenceDataModule, check_int, loader_generator
 from bnlstm_lit.data.download import check_file, download_url, file_md5
 
 __all__ = [
@@ -323,12 +323,16 @@ class SequentialMNIST(SequenceDataModule):
     def _loader(self, dataset: PixelSequenceDataset | None, stage: str, shuffle: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: data not loaded; call setup({stage!r}) first")
+        sampler = None
+        if shuffle:  # training: the order of epoch e from (seed, e), resumable mid-epoch
+            sampler = EpochShuffle(len(dataset), self.seed)
+            self.prepare_train_sampler(sampler, self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,  # training: no small tail batch (batch statistics need >= 2 sequences, and get noisy)
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            generator=loader_generator(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=PixelSequenceCollate(self._pixel_order()),
@@ -396,10 +400,11 @@ class PermutedMNIST(SequentialMNIST):
         return self._permutation
 
     def state_dict(self) -> dict[str, Any]:
-        return {"permutation": self._permutation.clone()}
+        return {**super().state_dict(), "permutation": self._permutation.clone()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the permutation saved with a run (validated: int tensor of 784 indices in 0-783)."""
+        super().load_state_dict(state_dict)
         restored = state_dict.get("permutation")
         if not isinstance(restored, Tensor):
             raise ValueError(

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from bnlstm_lit.data.base import SequenceDataModule, check_int
+from bnlstm_lit.data.base import SequenceDataModule, check_int, loader_generator
 from bnlstm_lit.data.download import check_file, download_url, extract_members, file_md5, tar_member_name
 
 __all__ = [
@@ -274,10 +274,15 @@ class ExampleStarts(Sampler[int]):
         self.random_offset = random_offset
         self.seed = seed
         self.epoch = 0
+        self._skip = 0
         self.num_examples = (num_tokens - length) // length if random_offset else (num_tokens - 1) // length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip(self, count: int) -> None:
+        """Start the next iteration ``count`` examples into the epoch's order (a run resumed mid-epoch)."""
+        self._skip = count
 
     def __len__(self) -> int:
         return self.num_examples
@@ -298,7 +303,8 @@ class ExampleStarts(Sampler[int]):
         generator = self._generator()
         offset = int(torch.randint(self.length, (), generator=generator))
         order = torch.randperm(self.num_examples, generator=generator)
-        yield from (offset + order * self.length).tolist()
+        start, self._skip = self._skip, 0
+        yield from (offset + order[start:] * self.length).tolist()
 
 
 class TokenStream(IterableDataset[TextBatch]):
@@ -557,10 +563,11 @@ class CharCorpus(SequenceDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vocabulary": "".join(self.vocabulary.symbols)}
+        return {**super().state_dict(), "vocabulary": "".join(self.vocabulary.symbols)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that a checkpoint was trained with this DataModule's vocabulary (ids would mean other characters)."""
+        super().load_state_dict(state_dict)
         saved = state_dict.get("vocabulary")
         if saved is None:
             raise ValueError(
@@ -586,6 +593,8 @@ class CharCorpus(SequenceDataModule):
 
     def _examples(self, tokens: Tensor, length: int, batch_size: int, train: bool, tag: str = "") -> DataLoader:
         sampler = ExampleStarts(len(tokens), length, random_offset=train, seed=self.seed)
+        if train:
+            self.prepare_train_sampler(sampler, batch_size)
         if len(sampler) < (batch_size if train else 1):
             raise ValueError(
                 f"a split of {len(tokens)} symbols gives {len(sampler)} examples of length {length}, fewer than one "
@@ -600,6 +609,7 @@ class CharCorpus(SequenceDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=ExampleCollate(tag),
+            generator=loader_generator(self.seed),
         )
 
     def _stream(
@@ -607,7 +617,13 @@ class CharCorpus(SequenceDataModule):
     ) -> DataLoader:
         rank, world = self._rank_world()
         stream = TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, tag=tag)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=loader_generator(self.seed),
+        )
 
     def train_dataloader(self) -> DataLoader:
         tokens = self._split("train", "fit")
@@ -631,7 +647,13 @@ class CharCorpus(SequenceDataModule):
             stream = TokenStream(
                 self._split("test", "test"), 1, self.full_chunk_length, continue_time=True, drop_last=False, tag="full"
             )
-            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+            return DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                generator=loader_generator(self.seed),
+            )
         if self.test_protocol == "sweep":
             tokens = self._split("test", "test")
             return [
@@ -652,7 +674,12 @@ class CharCorpus(SequenceDataModule):
             self.corpus_to_text,
         )
         # one batch: the request itself (batch_size 1 and an unwrapping collate, so Lightning sees a batch sampler)
-        return DataLoader(cast(Dataset[SampleRequest], [request]), batch_size=1, collate_fn=_only_item)
+        return DataLoader(
+            cast(Dataset[SampleRequest], [request]),
+            batch_size=1,
+            collate_fn=_only_item,
+            generator=loader_generator(self.seed),
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ PTB

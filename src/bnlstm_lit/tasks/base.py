@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -70,6 +72,34 @@ class BNLSTMTask(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._use_eval_statistics("predict")
+
+    # ---- exact resume: the global random state (h_0 noise, dropout) travels with the checkpoint ---------------------
+    _pending_rng: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the random state this process will continue from (torch CPU, CUDA devices, Python's ``random``), as
+        tensors and plain Python values so the checkpoint still loads ``weights_only``."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["bnlstm_rng"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # applied at the first training batch after the restore: between checkpoint and that batch, an
+        # uninterrupted run draws nothing (loaders have their own generators), while a resumed one may (sanity check)
+        self._pending_rng = checkpoint.get("bnlstm_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state, self._pending_rng = self._pending_rng, None
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        python = state.get("python")
+        if python is not None:  # (version, tuple of ints, gauss) -- lists after some serializations
+            version, internal, gauss = python
+            random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     # ---- optimization -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
