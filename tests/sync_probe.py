@@ -12,6 +12,7 @@ state dict and estimates to OUT.rank<r>.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -79,6 +80,13 @@ def main(out: str, devices: int, sync: bool, batch_size: int, steps: int) -> Non
     torch.save({"state_dict": model.state_dict(), "estimates": estimates, "used": used}, f"{out}.rank{rank}")
     if rank == 0:
         torch.save({"losses": recorder.losses, "state_dict": model.state_dict(), "estimates": estimates}, out)
+    if dist.is_initialized():
+        dist.barrier()  # both ranks done
+    # torch 2.13 + gloo: a finished process now and then aborts in C++ teardown at interpreter exit ("terminate
+    # called without an active exception"); everything is saved by now, so leave without running the destructors
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -53,12 +53,15 @@ def statistics(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor,
     ]
 
 
-def direct_estimate(model: torch.nn.Module, dm: AddingProblem, max_batches: int | None) -> list:
-    """What estimate_population_statistics gives over the DataModule's training loader, on a copy of ``model``."""
+def direct_estimate(model: torch.nn.Module, dm: AddingProblem, max_batches: int | None, epoch: int = 0) -> list:
+    """What estimate_population_statistics gives over the DataModule's training loader (in the order of ``epoch``:
+    the order of a training epoch depends on it), on a copy of ``model``."""
     reference = copy.deepcopy(model)
     dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
     used = estimate_population_statistics(
-        reference, dm.train_dataloader(), forward=lambda m, batch: m(batch[0]), max_batches=max_batches
+        reference, loader, forward=lambda m, batch: m(batch[0]), max_batches=max_batches
     )
     return [used, statistics(reference)]
 
@@ -154,8 +157,8 @@ def test_before_validation_runs_before_each_validation_but_not_the_sanity_check(
     assert [c["sanity"] for c in callback.calls] == [False, False]  # ... without an estimation
     assert [c["step"] for c in callback.calls] == [3, 6]  # one before the validation of each epoch
     assert all(c["used"] == 2 for c in callback.calls)
-    # the validation of the last epoch saw exactly the estimate from the final weights
-    assert_same_statistics(statistics(model), direct_estimate(model, adding(), max_batches=2)[1])
+    # the validation of the last epoch (epoch 1) saw exactly the estimate from the final weights
+    assert_same_statistics(statistics(model), direct_estimate(model, adding(), max_batches=2, epoch=1)[1])
 
 
 def test_validation_max_batches_bounds_only_the_passes_before_validation_in_fit() -> None:
