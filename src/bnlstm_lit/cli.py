@@ -15,12 +15,19 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from bnlstm_lit.checkpoint import CheckpointCLIMixin
+
 #: DataModule properties linked into the task's ``init_args`` of the same name.
 LINKED_SIZES = ("input_size", "output_size", "max_steps")
 
 
-class BNLSTMCLI(LightningCLI):
-    """LightningCLI with subclass mode for model and data, and the data-derived sizes linked into the model."""
+class BNLSTMCLI(CheckpointCLIMixin, LightningCLI):
+    """LightningCLI with subclass mode for model and data, and the data-derived sizes linked into the model.
+
+    Checkpoints are written atomically and read weights-only (:class:`~bnlstm_lit.checkpoint.AtomicCheckpointIO`),
+    and ``validate``/``test``/``predict --ckpt_path FILE`` need no config: the task and data classes come from the
+    checkpoint (:class:`~bnlstm_lit.checkpoint.CheckpointCLIMixin`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
