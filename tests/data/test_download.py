@@ -126,3 +126,63 @@ def test_plain_progress_without_tqdm(
     download_url(path.as_uri(), tmp_path / "payload.bin", md5, progress=True)
     err = capsys.readouterr().err
     assert "payload.bin: 3.0/3.0 MiB (100%)" in err
+
+
+# ---- safe extraction: names never become paths, links are refused, nothing partial is left -----------------------
+def _hostile_archive(path: Path, payload: bytes) -> None:
+    """A tar with traversal, absolute and link members beside one good member ``data/good.txt``."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("data/good.txt", "../../escaped.txt", "/tmp/absolute-escape.txt", "data/../../up.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("data/link.txt")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+        hard = tarfile.TarInfo("data/hard.txt")
+        hard.type = tarfile.LNKTYPE
+        hard.linkname = "../../etc/passwd"
+        tar.addfile(hard)
+
+
+def test_extraction_reads_only_the_named_members_to_the_chosen_paths(tmp_path: Path) -> None:
+    from bnlstm_lit.data.download import extract_members
+
+    payload = b"hello\n"
+    archive = tmp_path / "in" / "hostile.tgz"
+    archive.parent.mkdir()
+    _hostile_archive(archive, payload)
+    target = tmp_path / "out" / "deep"
+    md5 = hashlib.md5(payload).hexdigest()
+    extract_members(archive, {"data/good.txt": (target / "good.txt", md5)})
+    assert (target / "good.txt").read_bytes() == payload
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["in/hostile.tgz", "out/deep/good.txt"]  # nothing escaped, nothing else extracted
+    assert not Path("/tmp/absolute-escape.txt").exists()
+
+
+@pytest.mark.parametrize("member", ["data/link.txt", "data/hard.txt"])
+def test_links_are_refused_and_leave_nothing(tmp_path: Path, member: str) -> None:
+    from bnlstm_lit.data.download import extract_members
+
+    archive = tmp_path / "hostile.tgz"
+    _hostile_archive(archive, b"x")
+    dest = tmp_path / "out" / "file.txt"
+    with pytest.raises(RuntimeError, match=f"member {member} is not a regular file"):
+        extract_members(archive, {member: (dest, "0" * 32)})
+    assert not dest.exists() and not any(dest.parent.glob(".*part"))
+
+
+def test_a_member_with_the_wrong_md5_leaves_no_partial_file(tmp_path: Path) -> None:
+    from bnlstm_lit.data.download import extract_members
+
+    archive = tmp_path / "hostile.tgz"
+    _hostile_archive(archive, b"payload")
+    dest = tmp_path / "out" / "good.txt"
+    with pytest.raises(RuntimeError, match="has md5"):
+        extract_members(archive, {"data/good.txt": (dest, "0" * 32)})
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
