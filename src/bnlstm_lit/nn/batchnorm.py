@@ -53,6 +53,8 @@ class SequenceBatchNorm(nn.Module):
         bias: learn the shift β (initialized to 0). The BN-LSTM's input and recurrent terms have none: the LSTM
             bias does that job, and an unused parameter would break DDP.
         gamma_init: initial γ; 0.1 in the paper (1.0 makes gradients vanish through time, ≤ 0.01 is unstable).
+        shared_over_time: one mean and variance per feature over every real (t, b) position of the batch instead of
+            per step (the paper's BN-e* input term): the buffers have one row, ``max_steps`` is not a limit.
 
     Buffers (saved in checkpoints):
         ``running_mean``, ``running_var``: (max_steps, C) population mean and biased variance per step.
@@ -80,6 +82,7 @@ class SequenceBatchNorm(nn.Module):
         affine: bool = True,
         bias: bool = True,
         gamma_init: float = 0.1,
+        shared_over_time: bool = False,
     ) -> None:
         super().__init__()
         if num_features <= 0:
@@ -91,6 +94,8 @@ class SequenceBatchNorm(nn.Module):
         if eps <= 0:
             raise ValueError(f"SequenceBatchNorm: eps must be positive, got {eps}")
         self.num_features = num_features
+        self.shared_over_time = shared_over_time
+        max_steps = 1 if shared_over_time else max_steps
         self.max_steps = max_steps
         self.eps = eps
         self.momentum = momentum
@@ -123,6 +128,7 @@ class SequenceBatchNorm(nn.Module):
         return (
             f"{self.num_features}, max_steps={self.max_steps}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.weight is not None}, bias={self.bias is not None}, gamma_init={self.gamma_init}"
+            + (", shared_over_time=True" if self.shared_over_time else "")
         )
 
     def forward(self, x: Tensor, t: int = 0, mask: Tensor | None = None) -> Tensor:
@@ -145,7 +151,7 @@ class SequenceBatchNorm(nn.Module):
 
     def check_batch_statistics(self, start: int, T: int, B: int) -> None:
         """Raise a clear error where batch statistics cannot be computed or kept for steps start … start+T-1."""
-        if self.training and start + T > self.max_steps:
+        if self.training and not self.shared_over_time and start + T > self.max_steps:
             raise ValueError(
                 f"time step {start + T - 1} reached in training, but population statistics are kept for "
                 f"max_steps={self.max_steps} steps; set max_steps to at least the longest training sequence "
@@ -163,6 +169,8 @@ class SequenceBatchNorm(nn.Module):
         T, B, C = x.shape
         if C != self.num_features:
             raise ValueError(f"SequenceBatchNorm: expected {self.num_features} features, got {C}")
+        if self.shared_over_time:
+            return self._normalize_shared(x, mask)
         use_batch = self.training or self.eval_statistics == "batch"
         if not use_batch:
             mean, var = self._population(start, T)
@@ -192,6 +200,25 @@ class SequenceBatchNorm(nn.Module):
             y = self._normalize_with(x, mean, var)
         if self.training:
             self._update_running_stats(start, mean, var, valid)
+        return y
+
+    def _normalize_shared(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Statistics shared over time: one (1, C) mean and variance over every real position of (T, B, C)."""
+        T, B, C = x.shape
+        if not (self.training or self.eval_statistics == "batch"):
+            mean, var = self._population(0, T)
+            return self._normalize_with(x, mean, var)
+        syncing = self.training and self.syncing()
+        self.check_batch_statistics(0, T, max(B, 2) if syncing else B)
+        flat = x.reshape(1, T * B, C)
+        flat_mask = torch.ones(1, T * B, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(1, T * B)
+        mean, var, valid = (_synced_statistics if syncing else _masked_statistics)(flat, flat_mask)  # (1, C), (1,)
+        pop_mean, pop_var = self.running_mean[:1], self.running_var[:1]
+        mean = torch.where(valid[:, None], mean, pop_mean)
+        var = torch.where(valid[:, None], var, pop_var)
+        y = self._normalize_with(x, mean.expand(T, -1), var.expand(T, -1))
+        if self.training:
+            self._update_running_stats(0, mean.detach(), var.detach(), valid)
         return y
 
     def syncing(self) -> bool:
@@ -228,6 +255,8 @@ class SequenceBatchNorm(nn.Module):
 
     def _population(self, start: int, T: int) -> tuple[Tensor, Tensor]:
         """Population statistics for steps start … start+T-1, each step ≥ max_steps reusing step max_steps-1."""
+        if self.shared_over_time:
+            return self.running_mean[:1].expand(T, -1), self.running_var[:1].expand(T, -1)
         if start + T <= self.max_steps:
             return self.running_mean[start : start + T], self.running_var[start : start + T]
         idx = torch.arange(start, start + T, device=self.running_mean.device).clamp_(max=self.max_steps - 1)

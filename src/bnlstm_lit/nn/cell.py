@@ -47,6 +47,8 @@ class BNLSTMCell(nn.Module):
         forget_bias: initial value of the forget-gate slice of b (the rest of b starts at 0).
         recurrent_init: ``"orthogonal"`` (each of the four H×H blocks of W_h orthogonal) or ``"identity_g"``
             (the candidate block g is the identity, the other three orthogonal: the paper's sequential-MNIST init).
+        input_statistics: ``"per_step"``, or ``"sequence"``: the input term's statistics are shared over time
+            (masked over every real position; the paper's BN-e*).
 
     Parameters:
         weight_ih (4H, I), weight_hh (4H, H), bias (4H,), and with normalization bn_x.weight (4H,) = γ_x,
@@ -66,6 +68,7 @@ class BNLSTMCell(nn.Module):
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
         recurrent_init: RecurrentInit = "orthogonal",
+        input_statistics: str = "per_step",
     ) -> None:
         super().__init__()
         if input_size <= 0 or hidden_size <= 0:
@@ -88,7 +91,10 @@ class BNLSTMCell(nn.Module):
         self.bn_c: SequenceBatchNorm | None = None
         if normalize:
             # input and recurrent terms: scale only (their shift would duplicate b); the cell: scale and shift
-            self.bn_x = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_x = SequenceBatchNorm(
+                4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init,
+                shared_over_time=input_statistics == "sequence",
+            )  # fmt: skip
             self.bn_h = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
             self.bn_c = SequenceBatchNorm(H, max_steps, eps, momentum, bias=True, gamma_init=gamma_init)
         self.reset_parameters()
@@ -170,6 +176,7 @@ class BNRNNCell(nn.Module):
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
         recurrent_init: RecurrentInit = "orthogonal",
+        input_statistics: str = "per_step",
     ) -> None:
         super().__init__()
         if input_size <= 0 or hidden_size <= 0:
@@ -190,7 +197,10 @@ class BNRNNCell(nn.Module):
         self.bn_h: SequenceBatchNorm | None = None
         self.bn_c: SequenceBatchNorm | None = None  # no cell: the attribute exists so code can ask every cell
         if normalize:
-            self.bn_x = SequenceBatchNorm(hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_x = SequenceBatchNorm(
+                hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init,
+                shared_over_time=input_statistics == "sequence",
+            )  # fmt: skip
             self.bn_h = SequenceBatchNorm(hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
         self.reset_parameters()
 

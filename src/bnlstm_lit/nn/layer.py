@@ -13,6 +13,7 @@ from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
 
 CellType = Literal["lstm", "tanh"]
+InputStatistics = Literal["per_step", "sequence"]
 CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tanh": BNRNNCell}
 
 
@@ -47,6 +48,14 @@ class BNLSTM(nn.Module):
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
             where the compiled code's matmul is MKL's rather than oneDNN's.
+        bidirectional: a second direction per layer reads each sequence backwards -- with ``lengths``, only its
+            unpadded part is reversed, so the backward direction starts at each sequence's last real step -- and
+            the outputs of both directions are concatenated: (T, B, 2H). States are (num_layers * 2, B, H), layer
+            major, forward first (torch.nn.LSTM's layout); per-step statistics of the backward direction are indexed
+            by its own step count.
+        input_statistics: ``"per_step"`` (the BN-LSTM) or ``"sequence"``: the input term is normalized with one
+            mean and variance per feature over all real positions of the batch (shared over time, padding excluded;
+            the paper's BN-e*), the recurrent term and the cell keep per-step statistics.
         sync_statistics: under ``torch.distributed`` with several processes, normalize over the global batch in
             training (:func:`~bnlstm_lit.nn.batchnorm.set_sync_statistics`; runs the reference loop).
         cell: ``"lstm"`` (the BN-LSTM) or ``"tanh"`` (the BN tanh RNN of the paper's Fig. 1,
@@ -84,6 +93,8 @@ class BNLSTM(nn.Module):
         compile_steps: bool = False,
         cell: CellType = "lstm",
         sync_statistics: bool = False,
+        bidirectional: bool = False,
+        input_statistics: InputStatistics = "per_step",
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -94,6 +105,8 @@ class BNLSTM(nn.Module):
             raise ValueError(f"BNLSTM: dropout must be in [0, 1), got {dropout}")
         if cell not in CELLS:
             raise ValueError(f"BNLSTM: cell must be one of {sorted(CELLS)}, got {cell!r}")
+        if input_statistics not in ("per_step", "sequence"):
+            raise ValueError(f"BNLSTM: input_statistics must be 'per_step' or 'sequence', got {input_statistics!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -105,11 +118,14 @@ class BNLSTM(nn.Module):
         self.fused = fused
         self.compile_steps = compile_steps
         self.cell = cell
+        self.bidirectional = bidirectional
+        self.input_statistics = input_statistics
+        directions = 2 if bidirectional else 1
         self.probe_hidden_grad = False
         self.hidden_probes: list[Tensor] = []
-        self.cells: nn.ModuleList = nn.ModuleList(
+        self.cells: nn.ModuleList = nn.ModuleList(  # layer-major, forward direction first
             CELLS[cell](
-                input_size if layer == 0 else hidden_size,
+                input_size if index < directions else directions * hidden_size,
                 hidden_size,
                 max_steps,
                 normalize=normalize,
@@ -118,15 +134,16 @@ class BNLSTM(nn.Module):
                 momentum=momentum,
                 forget_bias=forget_bias,
                 recurrent_init=recurrent_init,
+                input_statistics=input_statistics,
             )
-            for layer in range(num_layers)
+            for index in range(num_layers * directions)
         )
         set_sync_statistics(self, sync_statistics)
-        self.h0 = nn.Parameter(torch.zeros(num_layers, hidden_size))  # learned initial state
+        self.h0 = nn.Parameter(torch.zeros(num_layers * directions, hidden_size))  # learned initial state
         if cell == "lstm":
-            self.c0 = nn.Parameter(torch.zeros(num_layers, hidden_size))
+            self.c0 = nn.Parameter(torch.zeros(num_layers * directions, hidden_size))
         else:  # no memory cell: a parameter nothing reads would break DDP (unused parameters)
-            self.register_buffer("c0", torch.zeros(num_layers, hidden_size))
+            self.register_buffer("c0", torch.zeros(num_layers * directions, hidden_size))
 
     def reset_parameters(self) -> None:
         for cell in self.cells:
@@ -139,7 +156,8 @@ class BNLSTM(nn.Module):
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
             f"max_steps={self.max_steps}, normalize={self.normalize}, h0_noise_std={self.h0_noise_std}, "
-            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, cell={self.cell!r}"
+            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, cell={self.cell!r}, "
+            f"bidirectional={self.bidirectional}, input_statistics={self.input_statistics!r}"
         )
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Tensor]:
@@ -164,25 +182,36 @@ class BNLSTM(nn.Module):
             x = x.transpose(0, 1)  # (T, B, I)
         T, B, _ = x.shape
         mask = None if lengths is None else self._mask(lengths, T, B, x.device)  # (T, B) bool
+        if self.bidirectional and start_step != 0:
+            raise ValueError("BNLSTM: a bidirectional layer reads whole sequences; start_step must be 0")
         h0, c0 = self.initial_state(B) if state is None else self._check_state(state, B)
         probing = self.probe_hidden_grad and torch.is_grad_enabled()
         self.hidden_probes = []
+        directions = 2 if self.bidirectional else 1
+        # the backward direction reads each sequence's real part reversed: index[t, b] = L_b - 1 - t for t < L_b
+        reverse = _reversal_index(mask, T, B, x.device) if directions == 2 else torch.empty(0)  # (T, B)
         h_n, c_n = [], []
-        for layer, cell in enumerate(self.cells):
+        for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0:
                 x = nn.functional.dropout(x, self.dropout, self.training)
-            if probing:  # diagnostics: the reference loop with a zero probe on every h_t
-                probe = x.new_zeros(T, B, self.hidden_size, requires_grad=True)
-                self.hidden_probes.append(probe)
-                x, (h, c) = self._run_layer(cell, x, (h0[layer], c0[layer]), mask, start_step, probe)  # type: ignore[arg-type]
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                cell = self.cells[index]
+                x_in = x if direction == 0 else _gather_time(x, reverse)
+                state_in = (h0[index], c0[index])
+                if probing:  # diagnostics: the reference loop with a zero probe on every h_t
+                    probe = x.new_zeros(T, B, self.hidden_size, requires_grad=True)
+                    self.hidden_probes.append(probe)
+                    out, (h, c) = self._run_layer(cell, x_in, state_in, mask, start_step, probe)  # type: ignore[arg-type]
+                else:
+                    fast = self.fused and mask is None and cell.fast_paths
+                    run = self._run_layer_fused if fast else self._run_layer
+                    out, (h, c) = run(cell, x_in, state_in, mask, start_step)  # type: ignore[arg-type]
+                outputs.append(out if direction == 0 else _gather_time(out, reverse))  # back in input order
                 h_n.append(h)
                 c_n.append(c)
-                continue
-            fast = self.fused and mask is None and cell.fast_paths
-            run = self._run_layer_fused if fast else self._run_layer
-            x, (h, c) = run(cell, x, (h0[layer], c0[layer]), mask, start_step)  # type: ignore[arg-type]
-            h_n.append(h)
-            c_n.append(c)
+            x = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # (T, B, directions * H)
         if self.batch_first:
             x = x.transpose(0, 1)
         return x, (torch.stack(h_n), torch.stack(c_n))
@@ -310,11 +339,12 @@ class BNLSTM(nn.Module):
         return input
 
     def _check_state(self, state: tuple[Tensor, Tensor], batch_size: int) -> tuple[Tensor, Tensor]:
-        expected = (self.num_layers, batch_size, self.hidden_size)
+        expected = (self.num_layers * (2 if self.bidirectional else 1), batch_size, self.hidden_size)
         h0, c0 = state
         if tuple(h0.shape) != expected or tuple(c0.shape) != expected:
+            layers = "num_layers * 2" if self.bidirectional else "num_layers"
             raise ValueError(
-                f"BNLSTM state must be (h_0, c_0) each of shape (num_layers, B, H) = {expected}, got "
+                f"BNLSTM state must be (h_0, c_0) each of shape ({layers}, B, H) = {expected}, got "
                 f"{tuple(h0.shape)} and {tuple(c0.shape)}"
             )
         return h0, c0
@@ -330,3 +360,17 @@ class BNLSTM(nn.Module):
             lo, hi = int(lengths.min()), int(lengths.max())
             raise ValueError(f"every length must be in [1, T={T}], got lengths from {lo} to {hi}")
         return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]  # (T, B)
+
+
+def _reversal_index(mask: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
+    """(T, B) time indices that reverse each sequence's real part and leave its padding in place."""
+    t = torch.arange(T, device=device)[:, None].expand(T, B)
+    if mask is None:
+        return (T - 1 - t).contiguous()
+    lengths = mask.sum(0)[None, :]  # (1, B)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _gather_time(x: Tensor, index: Tensor) -> Tensor:
+    """x (T, B, C) reordered along time per sequence: out[t, b] = x[index[t, b], b] (an involution for reversals)."""
+    return x.gather(0, index[:, :, None].expand(-1, -1, x.shape[-1]))
