@@ -436,6 +436,19 @@ def test_run_commands_are_valid_shell(build: Build) -> None:
         assert result.returncode == 0, f"line {ins.line}: {result.stderr.strip()}"
 
 
+def _tracked_files() -> set[str] | None:
+    """The repository's files under version control (None outside a git checkout: every file counts)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return {name for name in done.stdout.decode().split("\0") if name}
+
+
 def test_every_copied_path_exists_and_reaches_the_build_context(build: Build, ignore_rules) -> None:
     copies = build.copies()
     assert copies, "nothing is copied"
@@ -446,7 +459,12 @@ def test_every_copied_path_exists_and_reaches_the_build_context(build: Build, ig
             assert path.exists(), f"line {ins.line}: {source} does not exist in the repository"
             assert not is_excluded(source, ignore_rules), f"line {ins.line}: {source} is excluded by .dockerignore"
             files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            shipped = [p for p in files if "__pycache__" not in p.parts and p.suffix not in {".pyc", ".pyo"}]
+            tracked = _tracked_files()  # build outputs (an editable install's egg-info) are rightly ignored
+            shipped = [
+                p for p in files
+                if "__pycache__" not in p.parts and p.suffix not in {".pyc", ".pyo"}
+                and (tracked is None or p.relative_to(ROOT).as_posix() in tracked)
+            ]  # fmt: skip
             assert shipped, f"line {ins.line}: {source} holds no files"
             for file in shipped:
                 relative = file.relative_to(ROOT).as_posix()
