@@ -14,6 +14,7 @@ from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurre
 
 CellType = Literal["lstm", "tanh"]
 InputStatistics = Literal["per_step", "sequence"]
+BackwardReversal = Literal["unpadded", "padded"]
 CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tanh": BNRNNCell}
 
 
@@ -53,6 +54,10 @@ class BNLSTM(nn.Module):
             the outputs of both directions are concatenated: (T, B, 2H). States are (num_layers * 2, B, H), layer
             major, forward first (torch.nn.LSTM's layout); per-step statistics of the backward direction are indexed
             by its own step count.
+        backward_reversal: ``"unpadded"`` (default; the paper's BN-e**): the backward direction reverses each
+            sequence's real part, so its step t is every sequence's t-th last real position; ``"padded"``: it
+            reverses the whole padded tensor, as the original code before BN-e** did -- the padding comes first and
+            its per-step statistics mix sequences at different relative positions (states still skip the padding).
         input_statistics: ``"per_step"`` (the BN-LSTM) or ``"sequence"``: the input term is normalized with one
             mean and variance per feature over all real positions of the batch (shared over time, padding excluded;
             the paper's BN-e*), the recurrent term and the cell keep per-step statistics.
@@ -95,6 +100,7 @@ class BNLSTM(nn.Module):
         sync_statistics: bool = False,
         bidirectional: bool = False,
         input_statistics: InputStatistics = "per_step",
+        backward_reversal: BackwardReversal = "unpadded",
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -105,6 +111,8 @@ class BNLSTM(nn.Module):
             raise ValueError(f"BNLSTM: dropout must be in [0, 1), got {dropout}")
         if cell not in CELLS:
             raise ValueError(f"BNLSTM: cell must be one of {sorted(CELLS)}, got {cell!r}")
+        if backward_reversal not in ("unpadded", "padded"):
+            raise ValueError(f"BNLSTM: backward_reversal must be 'unpadded' or 'padded', got {backward_reversal!r}")
         if input_statistics not in ("per_step", "sequence"):
             raise ValueError(f"BNLSTM: input_statistics must be 'per_step' or 'sequence', got {input_statistics!r}")
         self.input_size = input_size
@@ -120,6 +128,7 @@ class BNLSTM(nn.Module):
         self.cell = cell
         self.bidirectional = bidirectional
         self.input_statistics = input_statistics
+        self.backward_reversal = backward_reversal
         directions = 2 if bidirectional else 1
         self.probe_hidden_grad = False
         self.hidden_probes: list[Tensor] = []
@@ -189,7 +198,11 @@ class BNLSTM(nn.Module):
         self.hidden_probes = []
         directions = 2 if self.bidirectional else 1
         # the backward direction reads each sequence's real part reversed: index[t, b] = L_b - 1 - t for t < L_b
-        reverse = _reversal_index(mask, T, B, x.device) if directions == 2 else torch.empty(0)  # (T, B)
+        reverse = torch.empty(0)
+        reverse_mask = mask
+        if directions == 2:
+            reverse = _reversal_index(mask if self.backward_reversal == "unpadded" else None, T, B, x.device)  # (T, B)
+            reverse_mask = None if mask is None else mask.gather(0, reverse)  # "padded": the padding comes first
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0:
@@ -199,15 +212,16 @@ class BNLSTM(nn.Module):
                 index = layer * directions + direction
                 cell = self.cells[index]
                 x_in = x if direction == 0 else _gather_time(x, reverse)
+                mask_in = mask if direction == 0 else reverse_mask
                 state_in = (h0[index], c0[index])
                 if probing:  # diagnostics: the reference loop with a zero probe on every h_t
                     probe = x.new_zeros(T, B, self.hidden_size, requires_grad=True)
                     self.hidden_probes.append(probe)
-                    out, (h, c) = self._run_layer(cell, x_in, state_in, mask, start_step, probe)  # type: ignore[arg-type]
+                    out, (h, c) = self._run_layer(cell, x_in, state_in, mask_in, start_step, probe)  # type: ignore[arg-type]
                 else:
                     fast = self.fused and mask is None and cell.fast_paths
                     run = self._run_layer_fused if fast else self._run_layer
-                    out, (h, c) = run(cell, x_in, state_in, mask, start_step)  # type: ignore[arg-type]
+                    out, (h, c) = run(cell, x_in, state_in, mask_in, start_step)  # type: ignore[arg-type]
                 outputs.append(out if direction == 0 else _gather_time(out, reverse))  # back in input order
                 h_n.append(h)
                 c_n.append(c)

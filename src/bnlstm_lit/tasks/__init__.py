@@ -2,6 +2,14 @@
 
 from bnlstm_lit.tasks.base import BNLSTMTask
 from bnlstm_lit.tasks.language import CharLanguageModel
+from bnlstm_lit.tasks.reading import ReadingComprehension
 from bnlstm_lit.tasks.sequence import SequenceClassification, SequenceRegression, SequenceTask
 
-__all__ = ["BNLSTMTask", "CharLanguageModel", "SequenceClassification", "SequenceRegression", "SequenceTask"]
+__all__ = [
+    "BNLSTMTask",
+    "CharLanguageModel",
+    "ReadingComprehension",
+    "SequenceClassification",
+    "SequenceRegression",
+    "SequenceTask",
+]

@@ -1,0 +1,117 @@
+"""The Attentive Reader (Hermann et al. 2015) with the batch-normalized variants of Cooijmans et al. 2017 (Sec. 5.4).
+
+    y_d = BiLSTM(document)                    (B, Td, 2H), padded positions excluded everywhere
+    u   = [h_fwd(query end); h_bwd(query start)]   (B, 2H)
+    m_t = tanh(W_ym y_d(t) + W_um u)          attention over the document's real positions
+    s   = softmax_t(w_ms . m_t)
+    r   = sum_t s_t y_d(t)
+    g   = tanh(W_rg r + W_ug u)
+    logits = W_g g over the entities, restricted to the document's candidates
+
+The five variants of the paper are one model with switches (:data:`VARIANTS`): the encoders' normalization, BN on
+every term entering the attention's nonlinearities ("BN-everywhere": W_ym y_d(t) with masked statistics over all real
+positions, W_um u, W_rg r and W_ug u, each γ=0.1 and no shift), the input term's statistics shared over time
+(BN-e*), and the backward direction reversing only the unpadded part (BN-e**).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from bnlstm_lit.nn import BNLSTM, SequenceBatchNorm
+
+Variant = Literal["lstm", "bnlstm", "bn_everywhere", "bn_e_star", "bn_e_star_star"]
+
+#: variant -> (normalize the encoders, BN in the attention, input_statistics, backward_reversal)
+VARIANTS: dict[str, tuple[bool, bool, str, str]] = {
+    "lstm": (False, False, "per_step", "padded"),
+    "bnlstm": (True, False, "per_step", "padded"),
+    "bn_everywhere": (True, True, "per_step", "padded"),
+    "bn_e_star": (True, True, "sequence", "padded"),
+    "bn_e_star_star": (True, True, "sequence", "unpadded"),
+}
+
+
+class AttentiveReader(nn.Module):
+    """Cloze-style reading comprehension: document and query encoders, attention, entity softmax.
+
+    Args:
+        vocab_size: token ids in [0, vocab_size) (0 is padding).
+        num_entities: K, the entity classes (logits (B, K)).
+        max_steps: per-step statistics kept by the encoders (the longest training document).
+        hidden_size: H per direction (240 in the paper's reduced setting, 120 on the full task).
+        embedding_size: token embedding size (defaults to hidden_size).
+        variant: one of :data:`VARIANTS`.
+        gamma_init: initial γ of every BN site.
+        momentum: running-average rate of the statistics (None: cumulative).
+        dropout: on the embeddings.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_entities: int,
+        max_steps: int,
+        hidden_size: int = 240,
+        embedding_size: int | None = None,
+        variant: Variant = "bn_e_star_star",
+        gamma_init: float = 0.1,
+        momentum: float | None = 0.1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"AttentiveReader: variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        normalize, attention_bn, input_statistics, reversal = VARIANTS[variant]
+        self.variant = variant
+        E = embedding_size or hidden_size
+        H2 = 2 * hidden_size
+        self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        encoder = dict(
+            batch_first=True, max_steps=max_steps, normalize=normalize, gamma_init=gamma_init, momentum=momentum,
+            bidirectional=True, input_statistics=input_statistics, backward_reversal=reversal,
+        )  # fmt: skip
+        self.document = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
+        self.query = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
+        self.W_ym = nn.Linear(H2, H2, bias=False)
+        self.W_um = nn.Linear(H2, H2)
+        self.w_ms = nn.Linear(H2, 1, bias=False)
+        self.W_rg = nn.Linear(H2, H2, bias=False)
+        self.W_ug = nn.Linear(H2, H2)
+        self.W_g = nn.Linear(H2, num_entities)
+        self.bn: nn.ModuleDict | None = None
+        if attention_bn:  # the terms entering tanh: statistics over the batch (and the real positions for y_d)
+            site = dict(
+                max_steps=1, eps=1e-5, momentum=momentum, bias=False, gamma_init=gamma_init, shared_over_time=True
+            )
+            self.bn = nn.ModuleDict({name: SequenceBatchNorm(H2, **site) for name in ("ym", "um", "rg", "ug")})  # type: ignore[arg-type]
+
+    def _norm(self, name: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """BN of a (B, C) vector term, or of a (B, T, C) term over its real positions; identity without BN."""
+        if self.bn is None:
+            return x
+        if x.dim() == 2:
+            return self.bn[name](x[None])[0]
+        return self.bn[name](x.transpose(0, 1), 0, None if mask is None else mask.t()).transpose(0, 1)
+
+    def forward(
+        self, context: Tensor, context_lengths: Tensor, query: Tensor, query_lengths: Tensor, candidates: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids (B, Td), (B,), (B, Tq), (B,) and candidates bool (B, K) -> entity logits (B, K) (non-candidates
+        at -inf) and the attention (B, Td)."""
+        Td = context.shape[1]
+        mask = torch.arange(Td, device=context.device)[None, :] < context_lengths[:, None]  # (B, Td)
+        y, _ = self.document(self.dropout(self.embedding(context)), lengths=context_lengths)  # (B, Td, 2H)
+        _, (h_q, _) = self.query(self.dropout(self.embedding(query)), lengths=query_lengths)  # h_q: (2, B, H)
+        u = torch.cat([h_q[0], h_q[1]], dim=-1)  # forward at the query's end, backward at its start: (B, 2H)
+        m = torch.tanh(self._norm("ym", self.W_ym(y), mask) + self._norm("um", self.W_um(u))[:, None])  # (B, Td, 2H)
+        scores = self.w_ms(m).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, Td)
+        attention = scores.softmax(dim=1)
+        r = torch.einsum("bt,btc->bc", attention, y)  # (B, 2H)
+        g = torch.tanh(self._norm("rg", self.W_rg(r)) + self._norm("ug", self.W_ug(u)))
+        logits = self.W_g(g).masked_fill(~candidates, float("-inf"))  # the softmax runs over the document's entities
+        return logits, attention

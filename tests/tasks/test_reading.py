@@ -1,0 +1,121 @@
+"""The Attentive Reader and its five variants (models/reader.py), the ReadingComprehension task, and the CNN configs
+through the CLI on a generated corpus in the exact .question format."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlstm_lit.cli import BNLSTMCLI
+from bnlstm_lit.data import synthetic_corpus
+from bnlstm_lit.models.reader import VARIANTS, AttentiveReader
+from bnlstm_lit.nn import batchnorm_sites
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+V, K, B = 30, 6, 5
+
+
+def batch(T: int = 9, Tq: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 4, 7, 2, 6])[:B]
+    context = torch.randint(1, V, (B, T), generator=g) * (torch.arange(T)[None] < lengths[:, None])
+    query_lengths = torch.tensor([4, 2, 3, 4, 1])
+    query = torch.randint(1, V, (B, Tq), generator=g) * (torch.arange(Tq)[None] < query_lengths[:, None])
+    candidates = torch.zeros(B, K, dtype=torch.bool)
+    candidates[:, :3] = True
+    candidates[0, 5] = True
+    return context, lengths, query, query_lengths, candidates
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_live_on_the_candidates_and_attention_on_real_positions(variant: str) -> None:
+    torch.manual_seed(0)
+    model = AttentiveReader(V, K, max_steps=20, hidden_size=7, variant=variant)
+    context, lengths, query, query_lengths, candidates = batch()
+    logits, attention = model(context, lengths, query, query_lengths, candidates)
+    assert logits.shape == (B, K) and attention.shape == context.shape
+    assert bool(torch.isneginf(logits[~candidates]).all()) and bool(torch.isfinite(logits[candidates]).all())
+    real = torch.arange(context.shape[1])[None] < lengths[:, None]
+    assert bool((attention[~real] == 0).all())
+    torch.testing.assert_close(attention.sum(1), torch.ones(B))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1]))
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == [], unused  # DDP needs every parameter
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("training", [True, False])
+def test_padding_invariance(variant: str, training: bool) -> None:
+    """Padding the documents to a much longer length changes no logit -- in training for every variant, and in
+    evaluation for the LSTM and BN-e**. The other BN variants reverse the whole padded tensor for the backward
+    direction (as the original code did before BN-e**): the padding comes first, so with population statistics the
+    step index each real position meets depends on the padded length. That is the paper's reason for BN-e**."""
+    torch.manual_seed(1)
+    model = AttentiveReader(V, K, max_steps=40, hidden_size=7, variant=variant).double()
+    context, lengths, query, query_lengths, candidates = batch()
+    model.train()
+    model(context, lengths, query, query_lengths, candidates)  # running statistics
+    model.train(training)
+    padded = torch.cat([context, torch.randint(1, V, (B, 25))], dim=1)  # garbage beyond every length
+    a, _ = model(context, lengths, query, query_lengths, candidates)
+    b, _ = model(padded, lengths, query, query_lengths, candidates)
+    normalize, _, _, reversal = VARIANTS[variant]
+    if training or not normalize or reversal == "unpadded":
+        torch.testing.assert_close(a, b)
+    else:
+        assert not torch.allclose(a, b)
+
+
+def test_variants_configure_one_model() -> None:
+    built = {v: AttentiveReader(V, K, max_steps=10, hidden_size=4, variant=v) for v in VARIANTS}  # type: ignore[arg-type]
+    assert batchnorm_sites(built["lstm"]) == []
+    assert built["bnlstm"].bn is None and built["bnlstm"].document.normalize
+    assert built["bn_everywhere"].bn is not None and built["bn_everywhere"].document.input_statistics == "per_step"
+    assert built["bn_e_star"].document.input_statistics == "sequence"
+    assert built["bn_e_star"].document.backward_reversal == "padded"
+    assert built["bn_e_star_star"].document.backward_reversal == "unpadded"
+    assert all(m.document.bidirectional and m.query.bidirectional for m in built.values())
+    with pytest.raises(ValueError, match="variant must be one of"):
+        AttentiveReader(V, K, max_steps=10, variant="bn_e_triple_star")  # type: ignore[arg-type]
+
+
+# ---- the configs through the CLI ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cnn")
+    synthetic_corpus(root, 48, 16, 16, seed=0)
+    return root
+
+
+CNN_CONFIGS = sorted(CONFIGS.glob("cnn_*.yaml"))
+
+
+def test_there_is_a_config_per_variant() -> None:
+    assert {p.stem.removeprefix("cnn_") for p in CNN_CONFIGS} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("config", CNN_CONFIGS, ids=[p.stem for p in CNN_CONFIGS])
+def test_every_cnn_config_fits_validates_and_tests(config: Path, corpus: Path, tmp_path: Path) -> None:
+    args = [f"--config={config}", f"--config={CONFIGS / 'debug.yaml'}", f"--trainer.default_root_dir={tmp_path}",
+            f"--data.init_args.data_dir={corpus}", "--data.init_args.completeness=off",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
+    threads, argv = torch.get_num_threads(), sys.argv
+    torch.set_num_threads(1)
+    sys.argv = ["bnlstm-lit"]
+    try:
+        cli = BNLSTMCLI(args=["fit", *args])
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        assert {"train/loss", "val/acc", "val/error"} <= set(metrics)
+        assert abs(metrics["val/acc"] + metrics["val/error"] - 1.0) < 1e-5
+        assert cli.model.hparams["variant"] == config.stem.removeprefix("cnn_")
+        checkpoint = cli.trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+        tested = BNLSTMCLI(args=["test", *args, f"--ckpt_path={checkpoint}"])
+        assert 0.0 <= float(tested.trainer.callback_metrics["test/error"]) <= 1.0
+    finally:
+        torch.set_num_threads(threads)
+        sys.argv = argv
