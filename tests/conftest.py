@@ -36,3 +36,14 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cnn_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN question corpus in the exact .question format (no real corpus exists offline), for the configs
+    whose data_dir is data/cnn; read it with ``--data.init_args.completeness=off``."""
+    from bnlstm_lit.data import synthetic_corpus
+
+    root = tmp_path_factory.mktemp("cnn_corpus")
+    synthetic_corpus(root, 48, 16, 16, seed=0)
+    return root

@@ -24,7 +24,7 @@ from bnlstm_lit.cli import BNLSTMCLI, main
 from bnlstm_lit.data import PermutedMNIST
 from bnlstm_lit.data.mnist import MNIST_FILES, mnist_permutation
 from bnlstm_lit.nn import batchnorm_sites
-from bnlstm_lit.tasks import CharLanguageModel, SequenceClassification
+from bnlstm_lit.tasks import CharLanguageModel, ReadingComprehension, SequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -59,8 +59,13 @@ def data_args(config: Path, request: pytest.FixtureRequest | None) -> list[str]:
     if "data_dir" not in init_args:
         return []
     corpus = Path(str(init_args["data_dir"])).name
-    assert corpus in SHARED_DATA, f"{config.name}: unknown data_dir {init_args['data_dir']}"
     assert request is not None, f"{config.name} reads {corpus}: pass request"
+    if corpus == "cnn":  # no real corpus offline: a generated one in the exact format
+        return [
+            f"--data.init_args.data_dir={request.getfixturevalue('cnn_corpus')}",
+            "--data.init_args.completeness=off",
+        ]
+    assert corpus in SHARED_DATA, f"{config.name}: unknown data_dir {init_args['data_dir']}"
     folder, extra = SHARED_DATA[corpus]
     path = request.getfixturevalue("shared_data") / folder
     if corpus == "mnist" and not all((path / name).is_file() for name in MNIST_FILES):
@@ -145,13 +150,18 @@ def test_every_config_fits_with_the_debug_overlay(config: Path, fitted: Callable
     assert "val/loss" in metrics and finite(metrics["val/loss"]) and finite(metrics["train/loss"])
     if isinstance(cli.model, CharLanguageModel):
         metric = "val/bpc"
+    elif isinstance(cli.model, ReadingComprehension):
+        metric = "val/error"
     else:
         metric = "val/acc" if isinstance(cli.model, SequenceClassification) else "val/mse"
     assert metric in metrics and finite(metrics[metric])
     # the checkpoint is loadable and holds the BN statistics when the model has BN sites
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     has_bn = bool(batchnorm_sites(cli.model))
-    assert has_bn == cli.model.hparams["normalize"]
+    normalized = (
+        cli.model.hparams["variant"] != "lstm" if "variant" in cli.model.hparams else cli.model.hparams["normalize"]
+    )
+    assert has_bn == normalized
     assert has_bn == any(key.endswith("running_mean") for key in state)
     assert not list(in_tmp_path.iterdir()), "the run wrote into the working directory"
 
