@@ -616,7 +616,12 @@ class CharCorpus(SequenceDataModule):
         self, tokens: Tensor, batch_size: int, length: int, train: bool, continue_time: bool = False, tag: str = ""
     ) -> DataLoader:
         rank, world = self._rank_world()
-        stream = TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, tag=tag)
+        return self._stream_loader(
+            TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, tag=tag)
+        )
+
+    def _stream_loader(self, stream: TokenStream) -> DataLoader:
+        """A stream's batches as they come (the stream batches itself)."""
         return DataLoader(
             stream,
             batch_size=None,
@@ -644,16 +649,12 @@ class CharCorpus(SequenceDataModule):
         if self.test_protocol == "full":
             # One sequence cannot be shared out: under DDP every rank reads all of it (same value, no speed-up),
             # rather than each rank a piece started afresh from the initial state, which would change the number.
-            stream = TokenStream(
-                self._split("test", "test"), 1, self.full_chunk_length, continue_time=True, drop_last=False, tag="full"
-            )
-            return DataLoader(
-                stream,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                generator=loader_generator(self.seed),
-            )
+            return self._stream_loader(
+                TokenStream(
+                    self._split("test", "test"), 1, self.full_chunk_length, continue_time=True, drop_last=False,
+                    tag="full",
+                )
+            )  # fmt: skip
         if self.test_protocol == "sweep":
             tokens = self._split("test", "test")
             return [
