@@ -134,3 +134,11 @@ def test_bidirectional_shapes_and_errors() -> None:
     assert out.shape == (T, B, 2 * H) and h.shape == (4, B, H)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())  # both directions used (DDP)
+
+
+@pytest.mark.parametrize("cell", ["BNLSTMCell", "BNRNNCell"])
+def test_cells_refuse_an_unknown_input_statistics_naming_the_cell(cell: str) -> None:
+    import bnlstm_lit.nn as bnn
+
+    with pytest.raises(ValueError, match=f"{cell}: input_statistics must be 'per_step' or 'sequence', got 'global'"):
+        getattr(bnn, cell)(I, H, 5, input_statistics="global")

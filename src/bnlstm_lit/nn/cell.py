@@ -30,6 +30,17 @@ from torch import Tensor, nn
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
 
 RecurrentInit = Literal["orthogonal", "identity_g"]
+InputStatistics = Literal["per_step", "sequence"]
+
+
+def _check_arguments(cell: str, input_size: int, hidden_size: int, recurrent_init: str, input_statistics: str) -> None:
+    """The constructor checks every cell shares: clear errors naming the cell and the argument."""
+    if input_size <= 0 or hidden_size <= 0:
+        raise ValueError(f"{cell}: input_size and hidden_size must be positive, got {input_size} and {hidden_size}")
+    if recurrent_init not in ("orthogonal", "identity_g"):
+        raise ValueError(f"{cell}: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
+    if input_statistics not in ("per_step", "sequence"):
+        raise ValueError(f"{cell}: input_statistics must be 'per_step' or 'sequence', got {input_statistics!r}")
 
 
 class BNLSTMCell(nn.Module):
@@ -68,15 +79,10 @@ class BNLSTMCell(nn.Module):
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
         recurrent_init: RecurrentInit = "orthogonal",
-        input_statistics: str = "per_step",
+        input_statistics: InputStatistics = "per_step",
     ) -> None:
         super().__init__()
-        if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(
-                f"BNLSTMCell: input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
-            )
-        if recurrent_init not in ("orthogonal", "identity_g"):
-            raise ValueError(f"BNLSTMCell: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
+        _check_arguments("BNLSTMCell", input_size, hidden_size, recurrent_init, input_statistics)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.normalize = normalize
@@ -176,15 +182,10 @@ class BNRNNCell(nn.Module):
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
         recurrent_init: RecurrentInit = "orthogonal",
-        input_statistics: str = "per_step",
+        input_statistics: InputStatistics = "per_step",
     ) -> None:
         super().__init__()
-        if input_size <= 0 or hidden_size <= 0:
-            raise ValueError(
-                f"BNRNNCell: input_size and hidden_size must be positive, got {input_size} and {hidden_size}"
-            )
-        if recurrent_init not in ("orthogonal", "identity_g"):
-            raise ValueError(f"BNRNNCell: recurrent_init must be 'orthogonal' or 'identity_g', got {recurrent_init!r}")
+        _check_arguments("BNRNNCell", input_size, hidden_size, recurrent_init, input_statistics)
         del forget_bias
         self.input_size = input_size
         self.hidden_size = hidden_size

@@ -9,11 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
-from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, RecurrentInit
+from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, InputStatistics, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
 
 CellType = Literal["lstm", "tanh"]
-InputStatistics = Literal["per_step", "sequence"]
 BackwardReversal = Literal["unpadded", "padded"]
 CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tanh": BNRNNCell}
 
