@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bnlstm_lit.checkpoint import load_checkpoint
 from bnlstm_lit.report import analysis, figures
 from bnlstm_lit.report.paper import (
     PAPER,
@@ -128,8 +129,8 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    except Exception as error:  # a pickle or zip error: not a checkpoint this loader accepts
+        loaded = load_checkpoint(path)  # the project's weights-only loader: no pickled code runs
+    except Exception as error:  # a refused type, or a pickle / zip error: not a checkpoint this loader accepts
         raise ValueError(
             f"{path} is not a checkpoint that loads weights-only ({type(error).__name__}: {error})"
         ) from error
