@@ -689,6 +689,20 @@ def test_synthetic_corpus_follows_its_rule(corpus: Path) -> None:
     assert frequent_right < 0.4 * total  # about 1/n by chance
 
 
+def test_short_synthetic_corpus_keeps_the_rule_with_bounded_lengths(tmp_path: Path) -> None:
+    """max_filler=1: every cue sentence is <filler> <cue> @entity . and every other mention <filler> @entity ., the
+    question <filler> <cue> @placeholder; the answer still follows the question's cue."""
+    synthetic_corpus(tmp_path, 40, 0, 0, seed=5, max_filler=1)
+    for path in (tmp_path / "questions" / SPLIT_FOLDERS["train"]).iterdir():
+        q = parse_question(path)
+        n = len(q.entities)
+        assert len(q.context) == 4 * n + 3 * n and len(q.query) == 3 and q.query[2] == "@placeholder"
+        cue = q.query[1]
+        assert cue in cnn._CUES and q.context[q.context.index(cue) + 1] == q.answer
+    with pytest.raises(ValueError, match="max_filler >= 1"):
+        synthetic_corpus(tmp_path / "bad", 1, 0, 0, max_filler=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

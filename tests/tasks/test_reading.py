@@ -31,10 +31,11 @@ def batch(T: int = 9, Tq: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return context, lengths, query, query_lengths, candidates
 
 
+@pytest.mark.parametrize("form", ["additive", "bilinear"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_logits_live_on_the_candidates_and_attention_on_real_positions(variant: str) -> None:
+def test_logits_live_on_the_candidates_and_attention_on_real_positions(variant: str, form: str) -> None:
     torch.manual_seed(0)
-    model = AttentiveReader(V, K, max_steps=20, hidden_size=7, variant=variant)
+    model = AttentiveReader(V, K, max_steps=20, hidden_size=7, variant=variant, attention=form)  # type: ignore[arg-type]
     context, lengths, query, query_lengths, candidates = batch()
     logits, attention = model(context, lengths, query, query_lengths, candidates)
     assert logits.shape == (B, K) and attention.shape == context.shape
@@ -48,15 +49,16 @@ def test_logits_live_on_the_candidates_and_attention_on_real_positions(variant: 
     assert unused == [], unused  # DDP needs every parameter
 
 
+@pytest.mark.parametrize("form", ["additive", "bilinear"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("training", [True, False])
-def test_padding_invariance(variant: str, training: bool) -> None:
+def test_padding_invariance(variant: str, training: bool, form: str) -> None:
     """Padding the documents to a much longer length changes no logit -- in training for every variant, and in
     evaluation for the LSTM and BN-e**. The other BN variants reverse the whole padded tensor for the backward
     direction (as the original code did before BN-e**): the padding comes first, so with population statistics the
     step index each real position meets depends on the padded length. That is the paper's reason for BN-e**."""
     torch.manual_seed(1)
-    model = AttentiveReader(V, K, max_steps=40, hidden_size=7, variant=variant).double()
+    model = AttentiveReader(V, K, max_steps=40, hidden_size=7, variant=variant, attention=form).double()  # type: ignore[arg-type]
     context, lengths, query, query_lengths, candidates = batch()
     model.train()
     model(context, lengths, query, query_lengths, candidates)  # running statistics
@@ -69,6 +71,27 @@ def test_padding_invariance(variant: str, training: bool) -> None:
         torch.testing.assert_close(a, b)
     else:
         assert not torch.allclose(a, b)
+
+
+def test_bilinear_attention_scores_document_positions_against_the_query() -> None:
+    """attention="bilinear": s = softmax_t(y_d(t) . W_s u) over the real positions, computed here by hand from the
+    encoders' outputs; with BN-everywhere W_s u goes through its own BN site (and the additive sites do not exist)."""
+    torch.manual_seed(2)
+    model = AttentiveReader(V, K, max_steps=20, hidden_size=5, variant="lstm", attention="bilinear").eval()
+    context, lengths, query, query_lengths, candidates = batch()
+    _, attention = model(context, lengths, query, query_lengths, candidates)
+    y, _ = model.document(model.embedding(context), lengths=lengths)
+    _, (h_q, _) = model.query(model.embedding(query), lengths=query_lengths)
+    u = torch.cat([h_q[0], h_q[1]], dim=-1)
+    for i in range(B):
+        n = int(lengths[i])
+        expected = (y[i, :n] @ model.W_s.weight @ u[i]).softmax(0)
+        torch.testing.assert_close(attention[i, :n], expected)
+    assert not hasattr(model, "W_ym") and not hasattr(model, "w_ms")
+    everywhere = AttentiveReader(V, K, max_steps=20, hidden_size=5, variant="bn_everywhere", attention="bilinear")
+    assert everywhere.bn is not None and set(everywhere.bn) == {"su", "rg", "ug"}
+    with pytest.raises(ValueError, match="attention must be"):
+        AttentiveReader(V, K, max_steps=10, attention="dot")  # type: ignore[arg-type]
 
 
 def test_variants_configure_one_model() -> None:

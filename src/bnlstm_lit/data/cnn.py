@@ -1351,6 +1351,7 @@ def synthetic_corpus(
     seed: int = 0,
     min_entities: int = 3,
     max_entities: int = 6,
+    max_filler: int = 6,
 ) -> dict[str, list[str]]:
     """Write a learnable corpus of ``.question`` files under ``root/questions/<split>/``; return the file names.
 
@@ -1363,10 +1364,14 @@ def synthetic_corpus(
     cue gives 1/n (about 24% for 3..6 entities), while a reader that matches the cue gets every question right.
     Entity indices are sparse (drawn from 0..4n-1, like the real corpus), documents are 20-150 tokens long and every
     file is named by the SHA-1 of its content. Read it with ``CNNQuestions(data_dir=root, completeness="off")``
-    (its test split is not the official one).
+    (its test split is not the official one). ``max_filler`` bounds the filler runs (the default 6 gives the lengths
+    above; 1 gives sentences of 3-4 tokens and questions of 3, quick to learn in tests).
     """
     if not 1 <= min_entities <= max_entities <= len(_CUES):
         raise ValueError(f"need 1 <= min_entities <= max_entities <= {len(_CUES)}")
+    if max_filler < 1:
+        raise ValueError(f"need max_filler >= 1, got {max_filler}")
+    f = max_filler
     rng = random.Random(seed)
     names: dict[str, list[str]] = {}
     for split, count in zip(SPLITS, (num_train, num_valid, num_test), strict=True):
@@ -1382,16 +1387,17 @@ def synthetic_corpus(
                 return [rng.choice(_FILLER) for _ in range(rng.randint(low, high))]
 
             sentences = [
-                filler(1, 6) + [cue, entity] + filler(0, 5) + ["."] for cue, entity in zip(cues, entities, strict=True)
+                filler(1, f) + [cue, entity] + filler(0, f - 1) + ["."]
+                for cue, entity in zip(cues, entities, strict=True)
             ]
-            sentences += [filler(1, 5) + [entity] + filler(0, 4) + ["."] for entity in entities]
+            sentences += [filler(1, max(1, f - 1)) + [entity] + filler(0, max(0, f - 2)) + ["."] for entity in entities]
             rng.shuffle(sentences)
             j = rng.randrange(n)
             question = Question(
                 name="",
                 url=f"http://synthetic.invalid/{split}/{i}",
                 context=tuple(token for sentence in sentences for token in sentence),
-                query=tuple(filler(1, 4) + [cues[j], PLACEHOLDER_TOKEN] + filler(0, 3)),
+                query=tuple(filler(1, max(1, f - 2)) + [cues[j], PLACEHOLDER_TOKEN] + filler(0, max(0, f - 3))),
                 answer=entities[j],
                 entities={entity: f"Entity {entity[7:]}" for entity in entities},
             )

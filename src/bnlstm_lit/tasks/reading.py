@@ -12,7 +12,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from bnlstm_lit.data.cnn import QABatch
-from bnlstm_lit.models.reader import AttentiveReader, Variant
+from bnlstm_lit.models.reader import Attention, AttentiveReader, Variant
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
 
@@ -29,7 +29,7 @@ class ReadingComprehension(BNLSTMTask):
         hidden_size: LSTM units per direction (240 in the paper's setting).
         embedding_size: token embeddings (default: hidden_size).
         variant: "lstm", "bnlstm", "bn_everywhere", "bn_e_star" or "bn_e_star_star" (the paper's five).
-        gamma_init, momentum, dropout: see :class:`~bnlstm_lit.models.AttentiveReader`.
+        gamma_init, momentum, dropout, attention: see :class:`~bnlstm_lit.models.AttentiveReader`.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -44,6 +44,7 @@ class ReadingComprehension(BNLSTMTask):
         gamma_init: float = 0.1,
         momentum: float | None = 0.1,
         dropout: float = 0.0,
+        attention: Attention = "additive",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
@@ -53,7 +54,8 @@ class ReadingComprehension(BNLSTMTask):
         super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = AttentiveReader(
-            input_size, output_size, max_steps, hidden_size, embedding_size, variant, gamma_init, momentum, dropout
+            input_size, output_size, max_steps, hidden_size, embedding_size, variant, gamma_init, momentum, dropout,
+            attention,
         )
         self.accuracy = torch.nn.ModuleDict({split: MeanMetric() for split in ("train_", "val_", "test_")})
 
