@@ -122,26 +122,31 @@ def test_there_is_a_config_per_variant() -> None:
     assert {p.stem.removeprefix("cnn_") for p in CNN_CONFIGS} == set(VARIANTS)
 
 
+def run_cli(*args: str) -> BNLSTMCLI:
+    """The CLI in this process on one thread, as the console script would run it."""
+    threads, argv = torch.get_num_threads(), sys.argv
+    torch.set_num_threads(1)
+    sys.argv = ["bnlstm-lit"]
+    try:
+        return BNLSTMCLI(args=list(args))
+    finally:
+        torch.set_num_threads(threads)
+        sys.argv = argv
+
+
 @pytest.mark.parametrize("config", CNN_CONFIGS, ids=[p.stem for p in CNN_CONFIGS])
 def test_every_cnn_config_fits_validates_and_tests(config: Path, corpus: Path, tmp_path: Path) -> None:
     args = [f"--config={config}", f"--config={CONFIGS / 'debug.yaml'}", f"--trainer.default_root_dir={tmp_path}",
             f"--data.init_args.data_dir={corpus}", "--data.init_args.completeness=off",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]  # fmt: skip
-    threads, argv = torch.get_num_threads(), sys.argv
-    torch.set_num_threads(1)
-    sys.argv = ["bnlstm-lit"]
-    try:
-        cli = BNLSTMCLI(args=["fit", *args])
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-        assert {"train/loss", "val/acc", "val/error"} <= set(metrics)
-        assert abs(metrics["val/acc"] + metrics["val/error"] - 1.0) < 1e-5
-        assert cli.model.hparams["variant"] == config.stem.removeprefix("cnn_")
-        checkpoint = cli.trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
-        tested = BNLSTMCLI(args=["test", *args, f"--ckpt_path={checkpoint}"])
-        assert 0.0 <= float(tested.trainer.callback_metrics["test/error"]) <= 1.0
-    finally:
-        torch.set_num_threads(threads)
-        sys.argv = argv
+    cli = run_cli("fit", *args)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert {"train/loss", "val/acc", "val/error"} <= set(metrics)
+    assert abs(metrics["val/acc"] + metrics["val/error"] - 1.0) < 1e-5
+    assert cli.model.hparams["variant"] == config.stem.removeprefix("cnn_")
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path  # type: ignore[union-attr]
+    tested = run_cli("test", *args, f"--ckpt_path={checkpoint}")
+    assert 0.0 <= float(tested.trainer.callback_metrics["test/error"]) <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +163,12 @@ def test_the_reader_learns_the_synthetic_rule_through_the_cli(learnable_corpus: 
     stay at chance on this rule within a test's budget: see the README.)"""
     args = [f"--config={CONFIGS / 'cnn_lstm.yaml'}", f"--trainer.default_root_dir={tmp_path}",
             f"--data.init_args.data_dir={learnable_corpus}", "--data.init_args.completeness=off",
-            "--data.init_args.batch_size=32", "--model.init_args.hidden_size=32", "--model.init_args.attention=bilinear",
-            "--model.init_args.optimizer.init_args.lr=3e-3", "--trainer.max_epochs=20", "--seed_everything=0",
+            "--data.init_args.batch_size=32", "--model.init_args.hidden_size=32",
+            "--model.init_args.attention=bilinear", "--model.init_args.optimizer.init_args.lr=3e-3",
+            "--trainer.max_epochs=20", "--seed_everything=0",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
             "--trainer.callbacks.monitor=val/acc", "--trainer.callbacks.mode=max",
             "--trainer.callbacks.stopping_threshold=0.9", "--trainer.callbacks.patience=100"]  # fmt: skip
-    threads, argv = torch.get_num_threads(), sys.argv
-    torch.set_num_threads(1)
-    sys.argv = ["bnlstm-lit"]
-    try:
-        cli = BNLSTMCLI(args=["fit", *args])
-    finally:
-        torch.set_num_threads(threads)
-        sys.argv = argv
+    cli = run_cli("fit", *args)
     assert float(cli.trainer.callback_metrics["val/acc"]) > 0.9
