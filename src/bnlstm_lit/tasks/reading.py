@@ -55,8 +55,8 @@ class ReadingComprehension(BNLSTMTask):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.net = AttentiveReader(
             input_size, output_size, max_steps, hidden_size, embedding_size, variant, gamma_init, momentum, dropout,
-            attention,
-        )
+            attention=attention,
+        )  # fmt: skip
         self.accuracy = torch.nn.ModuleDict({split: MeanMetric() for split in ("train_", "val_", "test_")})
 
     def monitorable_metrics(self) -> set[str]:
