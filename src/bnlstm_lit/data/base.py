@@ -36,15 +36,11 @@ class ResumableSampler(Protocol):
     def skip(self, count: int) -> None: ...
 
 
-class EpochShuffle(Sampler[int]):
-    """A fresh random order of ``range(size)`` every epoch, drawn from a generator seeded with (seed, epoch).
+class EpochPosition:
+    """The bookkeeping of a :class:`ResumableSampler`: the epoch (from ``set_epoch``), the generator of the epoch's
+    order, seeded with (seed, epoch), and a one-time start offset (from ``skip``) for a run resumed mid-epoch."""
 
-    :meth:`skip` makes the next iteration start ``count`` indices into the epoch's order (once), for a run resumed
-    mid-epoch; ``len`` stays the epoch's length, as Lightning expects of a resumed loader.
-    """
-
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size = size
+    def __init__(self, seed: int) -> None:
         self.seed = seed
         self.epoch = 0
         self._skip = 0
@@ -55,13 +51,33 @@ class EpochShuffle(Sampler[int]):
     def skip(self, count: int) -> None:
         self._skip = count
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator every random choice of ``epoch``'s order is drawn from."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def take_start(self) -> int:
+        """Where this iteration starts in the epoch's order (the skip applies once)."""
+        start, self._skip = self._skip, 0
+        return start
+
+
+class EpochShuffle(EpochPosition, Sampler[int]):
+    """A fresh random order of ``range(size)`` every epoch, drawn from a generator seeded with (seed, epoch).
+
+    :meth:`skip` makes the next iteration start ``count`` indices into the epoch's order (once), for a run resumed
+    mid-epoch; ``len`` stays the epoch's length, as Lightning expects of a resumed loader.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.size = size
+
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        start, self._skip = self._skip, 0
-        yield from order[start:].tolist()
+        order = torch.randperm(self.size, generator=self.epoch_generator(self.epoch))
+        yield from order[self.take_start() :].tolist()
 
 
 def loader_generator(seed: int) -> torch.Generator:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bnlstm_lit.data.base import SequenceDataModule, check_int, loader_generator
+from bnlstm_lit.data.base import EpochPosition, SequenceDataModule, check_int, loader_generator
 from bnlstm_lit.data.download import check_file, download_url, tar_member_name
 
 __all__ = [
@@ -837,7 +837,7 @@ class QACollate:
         return QABatch(context, context_lengths, query, query_lengths, candidates, answer, example)
 
 
-class BucketSampler(Sampler[tuple[int, int]]):
+class BucketSampler(EpochPosition, Sampler[tuple[int, int]]):
     """Training order with little padding: yields ``(index, epoch)``, read in consecutive groups of ``batch_size``.
 
     Each epoch: a random permutation drawn from (seed, epoch); its first ``N - N % batch_size`` examples are cut into
@@ -848,25 +848,17 @@ class BucketSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(self, lengths: Sequence[int] | np.ndarray, batch_size: int, bucket_batches: int, seed: int) -> None:
+        super().__init__(seed)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size = batch_size
         self.bucket_batches = bucket_batches
-        self.seed = seed
-        self.epoch = 0
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip(self, count: int) -> None:
-        self._skip = count
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's example order (int64 (N,))."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = self.epoch_generator(epoch)
         perm = torch.randperm(len(self.lengths), generator=generator).numpy()
         B = self.batch_size
         full = len(perm) - len(perm) % B
@@ -881,8 +873,7 @@ class BucketSampler(Sampler[tuple[int, int]]):
         return np.concatenate([*(batches[i] for i in shuffle), perm[full:]]).astype(np.int64)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        start, self._skip = self._skip, 0
-        epoch = self.epoch
+        start, epoch = self.take_start(), self.epoch
         for index in self.order(epoch)[start:].tolist():
             yield (index, epoch)
 
