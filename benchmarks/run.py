@@ -92,7 +92,15 @@ def _naive(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
 
 @register("bnlstm")
 def _bnlstm(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
-    return BNLSTM(input_size, hidden_size, max_steps=max_steps)  # the default: the fused recurrence, eager steps
+    # the default: the fused recurrence, each step's pointwise and batch-norm work one call into the native kernel
+    # (eager steps where it cannot be built)
+    return BNLSTM(input_size, hidden_size, max_steps=max_steps)
+
+
+@register("bnlstm_eager")
+def _bnlstm_eager(input_size: int, hidden_size: int, max_steps: int) -> nn.Module:
+    # the fused recurrence with its steps as eager torch ops (the default before the native kernel)
+    return BNLSTM(input_size, hidden_size, max_steps=max_steps, native_kernel=False)
 
 
 @register("bnlstm_compiled")

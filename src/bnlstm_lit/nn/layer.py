@@ -48,6 +48,15 @@ class BNLSTM(nn.Module):
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
             where the compiled code's matmul is MKL's rather than oneDNN's.
+        native_kernel: in the fused paths on float32 CPU tensors (training without ``compile_steps``, and evaluation
+            with population statistics without gradients), run each step's pointwise and batch-norm work as one call
+            into a small C kernel (:mod:`bnlstm_lit.nn.kernel`), forward and backward, instead of some 14 torch ops
+            forward and 25 backward: the recurrent matmul stays torch's. The kernel is compiled on first use with
+            the system C compiler (``$CC``, else ``cc``; about a second) into a per-user cache
+            (``$BNLSTM_LIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``). Where it
+            cannot be built (no compiler; one warning per process), on other devices and dtypes (float64, CUDA), and
+            with ``native_kernel=False`` or the environment variable ``BNLSTM_LIT_KERNEL=0``, the eager fused steps
+            run; all compute the same to float rounding (tested).
         bidirectional: a second direction per layer reads each sequence backwards -- with ``lengths``, only its
             unpadded part is reversed, so the backward direction starts at each sequence's last real step -- and
             the outputs of both directions are concatenated: (T, B, 2H). States are (num_layers * 2, B, H), layer
@@ -95,6 +104,7 @@ class BNLSTM(nn.Module):
         dropout: float = 0.0,
         fused: bool = True,
         compile_steps: bool = False,
+        native_kernel: bool = True,
         cell: CellType = "lstm",
         sync_statistics: bool = False,
         bidirectional: bool = False,
@@ -124,6 +134,7 @@ class BNLSTM(nn.Module):
         self.dropout = dropout
         self.fused = fused
         self.compile_steps = compile_steps
+        self.native_kernel = native_kernel
         self.cell = cell
         self.bidirectional = bidirectional
         self.input_statistics = input_statistics
@@ -164,7 +175,8 @@ class BNLSTM(nn.Module):
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
             f"max_steps={self.max_steps}, normalize={self.normalize}, h0_noise_std={self.h0_noise_std}, "
-            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, cell={self.cell!r}, "
+            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, "
+            f"native_kernel={self.native_kernel}, cell={self.cell!r}, "
             f"bidirectional={self.bidirectional}, input_statistics={self.input_statistics!r}"
         )
 
@@ -252,7 +264,7 @@ class BNLSTM(nn.Module):
         if not (cell.training or bn_h.training or bn_c.training):
             if bn_h.eval_statistics != "population" or bn_c.eval_statistics != "population":
                 return self._run_layer(cell, x, state, mask, start)  # batch statistics in evaluation
-            return self._run_layer_population(cell, x, state, start)
+            return self._run_layer_population(cell, x, state, start, self.native_kernel)
         if not (cell.training and bn_h.training and bn_c.training):
             return self._run_layer(cell, x, state, mask, start)  # sites in mixed modes
         if bn_h.syncing() or bn_c.syncing():
@@ -261,15 +273,16 @@ class BNLSTM(nn.Module):
         bn_h.check_batch_statistics(start, T, B)
         x_terms = cell.input_term(x, None, start)  # (T, B, 4H), its own statistics kept by bn_x
         outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
-            x_terms, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_h.eps, self.compile_steps
-        )
+            x_terms, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_h.eps, self.compile_steps,
+            self.native_kernel,
+        )  # fmt: skip
         bn_h._update_running_stats(start, mean_h, var_h, None)
         bn_c._update_running_stats(start, mean_c, var_c, None)
         return outputs, final
 
     @staticmethod
     def _run_layer_population(
-        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], start: int
+        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], start: int, kernel: bool = True
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Evaluation with population statistics, each BN site folded into a per-step scale and shift."""
         bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
@@ -291,7 +304,7 @@ class BNLSTM(nn.Module):
         scale_c, shift_c = scale_shift(bn_c)
         # BN_t(W_x x_t) + b + (the recurrent term's shift): one matmul and one fused pass over (T, B, 4H)
         x_terms = torch.addcmul((shift_x + shift_h + cell.bias)[:, None], x @ cell.weight_ih.t(), scale_x[:, None])
-        return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c)
+        return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c, kernel)
 
     @staticmethod
     def _run_layer(

@@ -1,0 +1,347 @@
+/* Per-step pointwise and batch-norm work of the BN-LSTM recurrence (bnlstm_lit.nn.kernel), on float32 CPU tensors.
+ *
+ * One step of the training recurrence is the recurrent matmul wh = W_h h_{t-1} (done by torch) and one call of
+ * bnlstm_forward_step; its gradient is one call of bnlstm_backward_step and the matmul dh_{t-1} = dwh W_h (torch).
+ * What these compute is exactly bnlstm_lit.nn.fused._forward_step / _backward_step:
+ *
+ *   BN_h(wh) = (wh - mean_h) * invstd_h * gamma_h      batch statistics over B rows, biased variance
+ *   pre = BN_h(wh) + x_t;  i, f, o = sigmoid, g = tanh  gate order i, f, g, o
+ *   c = f * c_prev + i * g
+ *   tc = tanh((c - mean_c) * invstd_c * gamma_c + beta_c);  h = o * tc
+ *
+ * and batch-norm backward with batch statistics (through the mean and the variance) as aten's
+ * native_batch_norm_backward. Sums over the batch are accumulated in double, in row order (deterministic), as
+ * torch's CPU batch norm does (its accumulate type for float is double).
+ *
+ * Tensors are row-major and contiguous: per step (B, 4H) for the recurrent term, the input term and the gates,
+ * (B, H) for the cell and h. Sequence buffers are (K, B, .) and (K, .) for the K steps of a chunk (the caller points
+ * them at the chunk's first step); step k's rows start at k * (B * width); c_before is the cell before step 0.
+ * Plain C99 with <math.h> only; built by bnlstm_lit.nn.kernel with the system compiler, without -ffast-math.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The loops below are compiled twice on x86-64 Linux with glibc: for AVX2 and for the baseline (SSE2), chosen at load
+ * time (an ifunc). Without FMA contraction (-ffp-contract=off) both give bit-identical results: no float sum is
+ * reordered, only the number of columns processed at once changes. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
+typedef struct {
+    int64_t B, H;
+    int64_t keep;          /* 0 (no backward): act and tc are one step's scratch (1, B, .), wh is not written */
+    double eps;
+    const float *x;        /* (K, B, 4H): BN_t(W_x x_t) + b */
+    const float *c_before; /* (B, H) */
+    const float *gamma_h;  /* (4H) */
+    const float *gamma_c;  /* (H) */
+    const float *beta_c;   /* (H) */
+    float *h;              /* (K, B, H) out */
+    float *c;              /* (K, B, H) out */
+    float *wh;             /* (K, B, 4H) out: a copy of W_h h_{t-1} */
+    float *act;            /* (K, B, 4H) out: sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) */
+    float *tc;             /* (K, B, H) out: tanh(BN(c)) */
+    float *mean_h;         /* (K, 4H) out */
+    float *invstd_h;       /* (K, 4H) out */
+    float *mean_c;         /* (K, H) out */
+    float *invstd_c;       /* (K, H) out */
+    double *work;          /* 2 * 4H doubles */
+    float *fwork;          /* 2 * 4H floats */
+} bnlstm_forward_args;
+
+typedef struct {
+    int64_t B, H;
+    double eps;
+    const float *dh_out;   /* (K, B, H): dL/dh_t from the outputs */
+    const float *act;      /* (K, B, 4H) saved */
+    const float *tc;       /* (K, B, H) saved */
+    const float *wh;       /* (K, B, 4H) saved */
+    const float *c;        /* (K, B, H) saved */
+    const float *c_before; /* (B, H) */
+    const float *mean_h, *invstd_h;  /* (K, 4H) */
+    const float *mean_c, *invstd_c;  /* (K, H) */
+    const float *gamma_h;  /* (4H) */
+    const float *gamma_c;  /* (H) */
+    float *dc;             /* (B, H) in: dL/dc_t from step t+1; out: dL/dc_{t-1} */
+    float *dpre;           /* (K, B, 4H) out: dL/d pre_t (= dL/d x_t) */
+    float *dwh;            /* (K, B, 4H) out: dL/d(W_h h_{t-1}) */
+    double *dgamma_h;      /* (4H) accumulated */
+    double *dgamma_c;      /* (H) accumulated */
+    double *dbeta_c;       /* (H) accumulated */
+    double *work;          /* 2 * 4H doubles */
+    float *fwork;          /* 3 * 4H floats */
+    float *scratch;        /* (B, H) floats */
+} bnlstm_backward_args;
+
+typedef struct {
+    int64_t B, H;
+    const float *x;        /* (T, B, 4H): BN_t(W_x x_t) + b + the recurrent term's shift */
+    const float *scale_h;  /* (T, 4H) */
+    const float *scale_c;  /* (T, H) */
+    const float *shift_c;  /* (T, H) */
+    float *h;              /* (T, B, H) out */
+    float *c;              /* (B, H) in: c_{t-1}; out: c_t */
+} bnlstm_population_args;
+
+/* The struct sizes, checked against the ctypes declarations before first use. */
+int64_t bnlstm_kernel_abi(int which) {
+    switch (which) {
+        case 0: return (int64_t)sizeof(bnlstm_forward_args);
+        case 1: return (int64_t)sizeof(bnlstm_backward_args);
+        case 2: return (int64_t)sizeof(bnlstm_population_args);
+        default: return -1;
+    }
+}
+
+/* exp, sigmoid and tanh in float, accurate to about one unit in the last place (as torch's vectorized CPU kernels
+ * are), written without calls or branches so that the compiler vectorizes the loops that use them (libm's expf and
+ * tanhf are scalar calls: several times slower than torch's SIMD ops). exp: Cody-Waite reduction by ln 2 and the
+ * Cephes minimax polynomial; tanh: the Cephes odd polynomial for |v| < 0.625, else 1 - 2 / (exp(2|v|) + 1). */
+static inline float exp_(float v) {
+    v = v < -87.0f ? -87.0f : v;
+    v = v > 88.0f ? 88.0f : v;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer (round to nearest even) */
+    float n = (v * 1.44269504088896341f + magic) - magic;
+    float r = v - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23; /* 2^n, n in [-126, 127] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline float sigmoid_(float v) { return 1.0f / (1.0f + exp_(-v)); }
+
+static inline float tanh_(float v) {
+    float a = v < 0.0f ? -v : v;
+    float z = v * v;
+    float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) *
+                       z -
+                   3.33332819422e-1f) *
+                      z * v +
+                  v;
+    float large = 1.0f - 2.0f / (exp_(2.0f * a) + 1.0f);
+    large = v < 0.0f ? -large : large;
+    return a < 0.625f ? small : large;
+}
+
+/* Batch mean and inverse standard deviation (biased variance) of the n columns of x (B, n), two passes in double;
+ * writes them as float into mean/invstd and the affine form of BN with weight gamma and bias beta (NULL: 0) into
+ * alpha, shift: BN(v) = v * alpha + shift, as torch's CPU batch norm applies it. */
+VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t n, double eps, const float *gamma, const float *beta,
+                        double *s, double *q, float *mean, float *invstd, float *alpha, float *shift) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *row = x + b * n;
+        for (int64_t j = 0; j < n; ++j) s[j] += (double)row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] /= (double)B;
+        q[j] = 0.0;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+        const float *row = x + b * n;
+        for (int64_t j = 0; j < n; ++j) {
+            double d = (double)row[j] - s[j];
+            q[j] += d * d;
+        }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        float m = (float)s[j];
+        float is = (float)(1.0 / sqrt(q[j] / (double)B + eps));
+        mean[j] = m;
+        invstd[j] = is;
+        float a = is * gamma[j];
+        alpha[j] = a;
+        shift[j] = (beta ? beta[j] : 0.0f) - m * a;
+    }
+}
+
+/* Row kernels: one sequence's H cells; restrict-qualified so that the compiler vectorizes them without alias checks.
+ * Gate columns: [0, H) i, [H, 2H) f, [2H, 3H) g, [3H, 4H) o. */
+VECTOR_CLONES static void forward_gates_row(int64_t H, const float *restrict w, const float *restrict x,
+                              const float *restrict alpha, const float *restrict shift, const float *restrict cp,
+                              float *restrict c, float *restrict ai, float *restrict af, float *restrict ag,
+                              float *restrict ao) {
+    for (int64_t j = 0; j < H; ++j) {
+        float i = sigmoid_((w[j] * alpha[j] + shift[j]) + x[j]);
+        float f = sigmoid_((w[H + j] * alpha[H + j] + shift[H + j]) + x[H + j]);
+        float g = tanh_((w[2 * H + j] * alpha[2 * H + j] + shift[2 * H + j]) + x[2 * H + j]);
+        float o = sigmoid_((w[3 * H + j] * alpha[3 * H + j] + shift[3 * H + j]) + x[3 * H + j]);
+        c[j] = f * cp[j] + i * g;
+        ai[j] = i;
+        af[j] = f;
+        ag[j] = g;
+        ao[j] = o;
+    }
+}
+
+VECTOR_CLONES static void forward_output_row(int64_t H, const float *restrict c, const float *restrict o,
+                               const float *restrict alpha, const float *restrict shift, float *restrict tc,
+                               float *restrict h) {
+    for (int64_t j = 0; j < H; ++j) {
+        float v = tanh_(c[j] * alpha[j] + shift[j]);
+        tc[j] = v;
+        h[j] = o[j] * v;
+    }
+}
+
+void bnlstm_forward_step(const bnlstm_forward_args *a, int64_t t, const float *wh) {
+    const int64_t B = a->B, H = a->H, G = 4 * H;
+    const float *x = a->x + t * B * G;
+    const float *c_prev = t > 0 ? a->c + (t - 1) * B * H : a->c_before;
+    float *h = a->h + t * B * H, *c = a->c + t * B * H;
+    float *act = a->act + (a->keep ? t * B * G : 0);
+    float *tc = a->tc + (a->keep ? t * B * H : 0);
+    float *mean_h = a->mean_h + t * G, *invstd_h = a->invstd_h + t * G;
+    float *mean_c = a->mean_c + t * H, *invstd_c = a->invstd_c + t * H;
+    double *s = a->work, *q = a->work + G;
+    float *alpha = a->fwork, *shift = a->fwork + G;
+
+    if (a->keep) memcpy(a->wh + t * B * G, wh, (size_t)(B * G) * sizeof(float));
+    batch_stats(wh, B, G, a->eps, a->gamma_h, NULL, s, q, mean_h, invstd_h, alpha, shift);
+    for (int64_t b = 0; b < B; ++b) {
+        float *ar = act + b * G;
+        forward_gates_row(H, wh + b * G, x + b * G, alpha, shift, c_prev + b * H, c + b * H, ar, ar + H, ar + 2 * H,
+                          ar + 3 * H);
+    }
+    batch_stats(c, B, H, a->eps, a->gamma_c, a->beta_c, s, q, mean_c, invstd_c, alpha, shift);
+    for (int64_t b = 0; b < B; ++b)
+        forward_output_row(H, c + b * H, act + b * G + 3 * H, alpha, shift, tc + b * H, h + b * H);
+}
+
+/* The input gradient of batch norm with batch statistics (aten native_batch_norm_backward, train): given the
+ * per-column sums sum_b dy (s) and sum_b (x - mean) dy (q) in double, the per-column k and grad_mean as float into
+ * kk, gm, so that dx = (dy - gm - (x - mean) * kk) * invstd * gamma. */
+static void bn_backward_coefficients(int64_t B, int64_t n, const double *s, const double *q, const float *invstd,
+                                     float *kk, float *gm) {
+    for (int64_t j = 0; j < n; ++j) {
+        double is = (double)invstd[j];
+        kk[j] = (float)(q[j] * is * is / (double)B);
+        gm[j] = (float)(s[j] / (double)B);
+    }
+}
+
+/* d o (into do_) and d BN(c) (into d) of one row from dh = dh_out + dh_next; sums of d and (c - mean_c) d. */
+VECTOR_CLONES static void backward_output_row(int64_t H, const float *restrict dh_out, const float *restrict dh_next,
+                                const float *restrict o_, const float *restrict tc, const float *restrict c,
+                                const float *restrict mean_c, float *restrict do_, float *restrict d,
+                                double *restrict s, double *restrict q) {
+    for (int64_t j = 0; j < H; ++j) {
+        float dh = dh_out[j] + dh_next[j];
+        float o = o_[j], tv = tc[j];
+        do_[j] = dh * tv * o * (1.0f - o);
+        float v = dh * o * (1.0f - tv * tv);
+        d[j] = v;
+        s[j] += (double)v;
+        q[j] += ((double)c[j] - (double)mean_c[j]) * (double)v;
+    }
+}
+
+/* dc_t through BN(c) plus dc from step t+1 (dc, replaced by dc_{t-1} = dc_t f), and d i, d f, d g of one row. */
+VECTOR_CLONES static void backward_gates_row(int64_t H, const float *restrict d, const float *restrict c,
+                               const float *restrict mean_c, const float *restrict kk, const float *restrict gm,
+                               const float *restrict scale, const float *restrict ai, const float *restrict af,
+                               const float *restrict ag, const float *restrict cp, float *restrict dc,
+                               float *restrict di, float *restrict df, float *restrict dg) {
+    for (int64_t j = 0; j < H; ++j) {
+        float dcv = (d[j] - gm[j] - (c[j] - mean_c[j]) * kk[j]) * scale[j] + dc[j];
+        float i = ai[j], f = af[j], g = ag[j];
+        di[j] = dcv * g * i * (1.0f - i);
+        df[j] = dcv * cp[j] * f * (1.0f - f);
+        dg[j] = dcv * i * (1.0f - g * g);
+        dc[j] = dcv * f;
+    }
+}
+
+VECTOR_CLONES static void column_sums_row(int64_t n, const float *restrict dy, const float *restrict x, const float *restrict mean,
+                            double *restrict s, double *restrict q) {
+    for (int64_t j = 0; j < n; ++j) {
+        double v = (double)dy[j];
+        s[j] += v;
+        q[j] += ((double)x[j] - (double)mean[j]) * v;
+    }
+}
+
+VECTOR_CLONES static void bn_input_grad_row(int64_t n, const float *restrict dy, const float *restrict x, const float *restrict mean,
+                              const float *restrict kk, const float *restrict gm, const float *restrict scale,
+                              float *restrict dx) {
+    for (int64_t j = 0; j < n; ++j) dx[j] = (dy[j] - gm[j] - (x[j] - mean[j]) * kk[j]) * scale[j];
+}
+
+/* dh_next: dL/dh_t through step t+1, (B, H) (zeros for the last step). */
+void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float *dh_next) {
+    const int64_t B = a->B, H = a->H, G = 4 * H;
+    const float *dh_out = a->dh_out + t * B * H;
+    const float *act = a->act + t * B * G, *tc = a->tc + t * B * H, *wh = a->wh + t * B * G;
+    const float *c = a->c + t * B * H;
+    const float *c_prev = t > 0 ? a->c + (t - 1) * B * H : a->c_before;
+    const float *mean_h = a->mean_h + t * G, *invstd_h = a->invstd_h + t * G;
+    const float *mean_c = a->mean_c + t * H, *invstd_c = a->invstd_c + t * H;
+    float *dpre = a->dpre + t * B * G, *dwh = a->dwh + t * B * G;
+    float *dc = a->dc, *dco = a->scratch;
+    double *s = a->work, *q = a->work + G;
+    float *kk = a->fwork, *gm = a->fwork + G, *scale = a->fwork + 2 * G;
+
+    /* d o, and d(tanh(BN(c))) -> d BN(c) -> dc */
+    for (int64_t j = 0; j < H; ++j) s[j] = q[j] = 0.0;
+    for (int64_t b = 0; b < B; ++b)
+        backward_output_row(H, dh_out + b * H, dh_next + b * H, act + b * G + 3 * H, tc + b * H, c + b * H, mean_c,
+                            dpre + b * G + 3 * H, dco + b * H, s, q);
+    for (int64_t j = 0; j < H; ++j) {
+        a->dgamma_c[j] += q[j] * (double)invstd_c[j];
+        a->dbeta_c[j] += s[j];
+    }
+    bn_backward_coefficients(B, H, s, q, invstd_c, kk, gm);
+    for (int64_t j = 0; j < H; ++j) scale[j] = invstd_c[j] * a->gamma_c[j];
+    /* d i, d f, d g, dc_{t-1}; then the sums for BN_h's backward over all 4H columns */
+    for (int64_t j = 0; j < G; ++j) s[j] = q[j] = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *ar = act + b * G;
+        float *dp = dpre + b * G;
+        backward_gates_row(H, dco + b * H, c + b * H, mean_c, kk, gm, scale, ar, ar + H, ar + 2 * H, c_prev + b * H,
+                           dc + b * H, dp, dp + H, dp + 2 * H);
+        column_sums_row(G, dp, wh + b * G, mean_h, s, q);
+    }
+    for (int64_t j = 0; j < G; ++j) a->dgamma_h[j] += q[j] * (double)invstd_h[j];
+    bn_backward_coefficients(B, G, s, q, invstd_h, kk, gm);
+    for (int64_t j = 0; j < G; ++j) scale[j] = invstd_h[j] * a->gamma_h[j];
+    /* d(W_h h_{t-1}) through BN_h */
+    for (int64_t b = 0; b < B; ++b) bn_input_grad_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G);
+}
+
+VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, const float *restrict x, const float *restrict sh,
+                           const float *restrict sc, const float *restrict bc, float *restrict c, float *restrict h) {
+    for (int64_t j = 0; j < H; ++j) {
+        float i = sigmoid_(x[j] + w[j] * sh[j]);
+        float f = sigmoid_(x[H + j] + w[H + j] * sh[H + j]);
+        float g = tanh_(x[2 * H + j] + w[2 * H + j] * sh[2 * H + j]);
+        float o = sigmoid_(x[3 * H + j] + w[3 * H + j] * sh[3 * H + j]);
+        float cv = f * c[j] + i * g;
+        c[j] = cv;
+        h[j] = o * tanh_(bc[j] + cv * sc[j]);
+    }
+}
+
+void bnlstm_population_step(const bnlstm_population_args *a, int64_t t, const float *wh) {
+    const int64_t B = a->B, H = a->H, G = 4 * H;
+    const float *x = a->x + t * B * G, *sh = a->scale_h + t * G;
+    const float *sc = a->scale_c + t * H, *bc = a->shift_c + t * H;
+    float *h = a->h + t * B * H;
+    for (int64_t b = 0; b < B; ++b) population_row(H, wh + b * G, x + b * G, sh, sc, bc, a->c + b * H, h + b * H);
+}

@@ -1,0 +1,376 @@
+"""A native kernel for the per-step work of the BN-LSTM recurrence on float32 CPU tensors.
+
+On CPU at small shapes the eager fused path (:mod:`bnlstm_lit.nn.fused`) spends most of a step dispatching ~14 small
+torch ops forward and ~25 backward. Here a step is the recurrent matmul in torch (oneDNN, as before) and *one* call
+into ``bnlstm_kernel.c`` (plain C on raw float32 pointers, no torch headers), forward and backward, writing directly
+into rows of preallocated (T, B, ·) buffers; likewise one call per step for evaluation with population statistics.
+
+The C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``)
+into a per-user cache, ``$BNLSTM_LIT_CACHE_DIR`` or ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``, under a
+name keyed by a hash of the source, the compiler, the flags and the platform; written to a temporary file and renamed
+into place, so concurrent processes (DDP) are safe and later processes load it without compiling (about a second
+the first time). ``BNLSTM_LIT_KERNEL=0`` (or ``false``/``off``/``no``) turns the kernel off: nothing is built and the
+eager fused path runs. Without a working compiler the eager path runs too, with one warning per process.
+
+Numerics: batch sums in double, in row order (deterministic, as torch's CPU batch norm), activations through libm's
+``expf``/``tanhf``; the results agree with the eager path to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["enabled", "kernel_recurrence", "library", "population_kernel_recurrence", "usable"]
+
+SOURCE = Path(__file__).with_name("bnlstm_kernel.c")
+#: Portable flags: no -march (the cache may be shared by machines), no -ffast-math (the results must match torch's).
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+ENV_SWITCH = "BNLSTM_LIT_KERNEL"
+ENV_CACHE = "BNLSTM_LIT_CACHE_DIR"
+_OFF = {"0", "false", "off", "no"}
+
+_state: dict[str, Any] = {}  # "lib": the loaded library or None after a failure; "warned": a warning was given
+
+_p = ctypes.c_void_p
+
+#: Steps per buffer of saved results (as bnlstm_lit.nn.fused.CHUNK).
+CHUNK = 8
+
+
+def _pointers(names: str) -> list[tuple[str, Any]]:
+    return [(name, _p) for name in names.split()]
+
+
+_SIZES: list[tuple[str, Any]] = [("B", ctypes.c_int64), ("H", ctypes.c_int64)]
+
+
+class _ForwardArgs(ctypes.Structure):
+    """bnlstm_forward_args of bnlstm_kernel.c (checked against its size on load)."""
+
+    _fields_ = [*_SIZES, ("keep", ctypes.c_int64), ("eps", ctypes.c_double)] + _pointers(
+        "x c_before gamma_h gamma_c beta_c h c wh act tc mean_h invstd_h mean_c invstd_c work fwork"
+    )
+
+
+class _BackwardArgs(ctypes.Structure):
+    """bnlstm_backward_args of bnlstm_kernel.c."""
+
+    _fields_ = [*_SIZES, ("eps", ctypes.c_double)] + _pointers(
+        "dh_out act tc wh c c_before mean_h invstd_h mean_c invstd_c gamma_h gamma_c dc dpre dwh dgamma_h dgamma_c "
+        "dbeta_c work fwork scratch"
+    )
+
+
+class _PopulationArgs(ctypes.Structure):
+    """bnlstm_population_args of bnlstm_kernel.c."""
+
+    _fields_ = [*_SIZES, *_pointers("x scale_h scale_c shift_c h c")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def enabled() -> bool:
+    """False when ``BNLSTM_LIT_KERNEL`` turns the kernel off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in _OFF
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$BNLSTM_LIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnlstm_lit``, else
+    ``~/.cache/bnlstm_lit``."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bnlstm_lit"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def library_path() -> Path:
+    """The cached library for the current source, compiler, flags and platform."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+        key.update(b"\0")
+    key.update(f"{platform.system()}-{platform.machine()}".encode())
+    return cache_dir() / f"bnlstm_kernel-{key.hexdigest()[:16]}.so"
+
+
+def _compile(target: Path) -> None:
+    """Compile SOURCE into target atomically (a temporary file in the same folder, renamed into place)."""
+    compiler = shutil.which(_compiler())
+    if compiler is None:
+        raise RuntimeError(f"no C compiler {_compiler()!r} found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.bnlstm_kernel_abi.argtypes = [ctypes.c_int]
+    lib.bnlstm_kernel_abi.restype = ctypes.c_int64
+    for which, struct in enumerate((_ForwardArgs, _BackwardArgs, _PopulationArgs)):
+        if lib.bnlstm_kernel_abi(which) != ctypes.sizeof(struct):
+            raise RuntimeError(f"{path}: argument layout {which} does not match its declaration")
+    for name in ("bnlstm_forward_step", "bnlstm_backward_step", "bnlstm_population_step"):
+        fn = getattr(lib, name)
+        fn.argtypes = [_p, ctypes.c_int64, _p]
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None when turned off (``BNLSTM_LIT_KERNEL=0``) or when it
+    cannot be built or loaded (one warning per process; the callers then run the eager path)."""
+    if not enabled():
+        return None
+    if "lib" in _state:
+        return _state["lib"]
+    lib = None
+    try:
+        path = library_path()
+        if not path.exists():
+            _compile(path)
+        lib = _load(path)
+    except Exception as error:  # no compiler, a failed build, an unwritable cache: the eager path computes the same
+        if not _state.get("warned"):
+            _state["warned"] = True
+            warnings.warn(
+                f"bnlstm_lit: the native BN-LSTM kernel could not be built or loaded ({type(error).__name__}: "
+                f"{str(error)[:300]}); running the eager fused path (set {ENV_SWITCH}=0 to silence this)",
+                stacklevel=3,
+            )
+    _state["lib"] = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library and the warning (tests: a changed environment is looked at again)."""
+    _state.clear()
+
+
+def usable(*tensors: Tensor) -> bool:
+    """The kernel applies: float32 CPU tensors, and the library is available (built on first call)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    return library() is not None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the recurrences
+
+
+def _linear_fn() -> Any:
+    """bnlstm_lit.nn.fused._linear: x @ weight.T through oneDNN's matmul where the build has it (imported here:
+    fused imports this module)."""
+    from bnlstm_lit.nn.fused import _linear
+
+    return _linear
+
+
+class _KernelRecurrence(torch.autograd.Function):
+    """The training-mode recurrence of :class:`bnlstm_lit.nn.fused._BNLSTMRecurrence`, each step's pointwise and
+    batch-norm work one kernel call. Same inputs and outputs (float32 CPU).
+
+    As there, the saved per-step results (W_h h_{t-1}, the gate activations, c_t, tanh(BN(c_t))) live in buffers of
+    ``CHUNK`` steps, not in (T, B, ·) tensors: buffers of a few MiB are recycled by the allocator from one training
+    step to the next, whereas fresh (T, B, 4H) buffers are new pages from the OS every time (at the sequential-MNIST
+    shape their page faults cost more than the kernel's arithmetic). The kernel writes into the chunk's buffers
+    directly, through pointers moved once per chunk.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_terms: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weight_hh: Tensor,
+        gamma_h: Tensor,
+        gamma_c: Tensor,
+        beta_c: Tensor,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        lib = library()
+        assert lib is not None
+        T, B, G = x_terms.shape
+        H = G // 4
+        x_terms, c0 = x_terms.contiguous(), c0.contiguous()
+        gamma_h, gamma_c, beta_c = gamma_h.contiguous(), gamma_c.contiguous(), beta_c.contiguous()
+        save = any(ctx.needs_input_grad)
+        new = x_terms.new_empty
+        h_all = new(T, B, H)  # the output
+        mean_h, invstd_h, mean_c, invstd_c = new(T, G), new(T, G), new(T, H), new(T, H)
+        work, fwork = x_terms.new_empty(2 * G, dtype=torch.float64), new(2 * G)
+        # without a backward, act and tc are one step's scratch and wh is not written
+        act, tc = (None, None) if save else (new(1, B, G), new(1, B, H))
+        args = _ForwardArgs(B, H, int(save), float(eps))
+        for name, t in (("gamma_h", gamma_h), ("gamma_c", gamma_c), ("beta_c", beta_c), ("work", work)):
+            setattr(args, name, t.data_ptr())
+        args.fwork = fwork.data_ptr()
+        step, ref, linear = lib.bnlstm_forward_step, ctypes.addressof(args), _linear_fn()
+        cs, whs, acts, tcs = [], [], [], []
+        h, c_before = h0, c0
+        for start in range(0, T, CHUNK):
+            K = min(CHUNK, T - start)
+            c_k = new(K, B, H)
+            cs.append(c_k)
+            args.c, args.c_before = c_k.data_ptr(), c_before.data_ptr()
+            if save:
+                wh_k, act, tc = new(K, B, G), new(K, B, G), new(K, B, H)
+                whs.append(wh_k)
+                acts.append(act)
+                tcs.append(tc)
+                args.wh = wh_k.data_ptr()
+            assert act is not None and tc is not None
+            args.act, args.tc = act.data_ptr(), tc.data_ptr()
+            for name, buf in (("x", x_terms), ("h", h_all), ("mean_h", mean_h), ("invstd_h", invstd_h),
+                              ("mean_c", mean_c), ("invstd_c", invstd_c)):  # fmt: skip
+                setattr(args, name, buf[start].data_ptr())
+            for k in range(K):
+                wh = linear(h, weight_hh).contiguous()  # (B, 4H), alive during the call
+                step(ref, k, wh.data_ptr())
+                h = h_all[start + k]
+            c_before = c_k[-1]
+        ctx.eps = eps
+        ctx.chunks = len(cs)
+        if save:
+            ctx.save_for_backward(
+                h0, c0, weight_hh, gamma_h, gamma_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *cs, *whs, *acts, *tcs
+            )
+        ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c)
+        return h_all, c_before.clone(), mean_h, invstd_h, mean_c, invstd_c
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_h_all: Tensor | None, grad_c_last: Tensor | None, *unused: Any
+    ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
+                "Hessian-vector products); use BNLSTM(fused=False) for that"
+            )
+        lib = library()
+        assert lib is not None
+        saved = ctx.saved_tensors
+        h0, c0, weight_hh, gamma_h, gamma_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:10]
+        n = ctx.chunks
+        cs, whs, acts, tcs = (saved[10 + j * n : 10 + (j + 1) * n] for j in range(4))
+        T, B, H = h_all.shape
+        G = 4 * H
+        new = h_all.new_empty
+        dh_out = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all.contiguous()
+        dc = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous().clone()  # updated in place
+        dpre = new(T, B, G)  # the gradient of x_terms
+        dgamma_h = h_all.new_zeros(G, dtype=torch.float64)
+        dgamma_c, dbeta_c = h_all.new_zeros(H, dtype=torch.float64), h_all.new_zeros(H, dtype=torch.float64)
+        work, fwork, scratch = h_all.new_empty(2 * G, dtype=torch.float64), new(3 * G), new(B, H)
+        args = _BackwardArgs(B, H, float(ctx.eps))
+        for name, t in (("gamma_h", gamma_h), ("gamma_c", gamma_c), ("dc", dc), ("dgamma_h", dgamma_h),
+                        ("dgamma_c", dgamma_c), ("dbeta_c", dbeta_c), ("work", work), ("fwork", fwork),
+                        ("scratch", scratch)):  # fmt: skip
+            setattr(args, name, t.data_ptr())
+        step, ref, linear = lib.bnlstm_backward_step, ctypes.addressof(args), _linear_fn()
+        weight_t = weight_hh.t().contiguous()  # (H, 4H): dh = dwh @ W_h
+        needs = ctx.needs_input_grad
+        dweight = torch.zeros_like(weight_hh) if needs[3] else None
+        dh = torch.zeros_like(c0)
+        for chunk in range(n - 1, -1, -1):
+            start = chunk * CHUNK
+            K = cs[chunk].shape[0]
+            dwh = new(K, B, G)
+            args.c, args.wh, args.act, args.tc = (
+                t.data_ptr() for t in (cs[chunk], whs[chunk], acts[chunk], tcs[chunk])
+            )
+            args.c_before = (cs[chunk - 1][-1] if chunk > 0 else c0).data_ptr()
+            args.dwh = dwh.data_ptr()
+            for name, buf in (("dh_out", dh_out), ("dpre", dpre), ("mean_h", mean_h), ("invstd_h", invstd_h),
+                              ("mean_c", mean_c), ("invstd_c", invstd_c)):  # fmt: skip
+                setattr(args, name, buf[start].data_ptr())
+            for k in range(K - 1, -1, -1):
+                step(ref, k, dh.data_ptr())
+                dh = linear(dwh[k], weight_t).contiguous()  # dL/dh_{t-1} through step t
+            if dweight is not None:  # the chunk's sum_t dwh_t^T h_{t-1} as one matmul (two for the first chunk)
+                if start == 0:
+                    dweight += linear(dwh[0].t(), h0.contiguous().t())
+                    if K > 1:
+                        dweight += linear(dwh[1:].reshape((K - 1) * B, G).t(), h_all[: K - 1].reshape(-1, H).t())
+                else:
+                    h_prev = h_all[start - 1 : start + K - 1].reshape(K * B, H)
+                    dweight += linear(dwh.reshape(K * B, G).t(), h_prev.t())
+        return (
+            dpre if needs[0] else None,
+            dh if needs[1] else None,
+            dc if needs[2] else None,
+            dweight,
+            dgamma_h.float() if needs[4] else None,
+            dgamma_c.float() if needs[5] else None,
+            dbeta_c.float() if needs[6] else None,
+            None,
+        )
+
+
+def kernel_recurrence(
+    x_terms: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_hh: Tensor,
+    gamma_h: Tensor,
+    gamma_c: Tensor,
+    beta_c: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As ``_BNLSTMRecurrence.apply`` (float32 CPU; check :func:`usable` first): h_t for every step (T, B, H),
+    c_T (B, H), the per-step batch means and inverse standard deviations (T, 4H), (T, H), (T, H) and (T, H)."""
+    return _KernelRecurrence.apply(x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, eps)
+
+
+def population_kernel_recurrence(
+    x_terms: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, scale_h: Tensor, scale_c: Tensor, shift_c: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`bnlstm_lit.nn.fused.population_recurrence` without gradients (float32 CPU; check :func:`usable`)."""
+    lib = library()
+    assert lib is not None
+    T, B, G = x_terms.shape
+    H = G // 4
+    x_terms, scale_h, scale_c, shift_c = (t.contiguous() for t in (x_terms, scale_h, scale_c, shift_c))
+    h_all = x_terms.new_empty(T, B, H)
+    c = c0.contiguous().clone()  # carried in place
+    args = _PopulationArgs(B, H, *(_ptr(t) for t in (x_terms, scale_h, scale_c, shift_c, h_all, c)))
+    step, ref, linear = lib.bnlstm_population_step, ctypes.addressof(args), _linear_fn()
+    h = h0
+    for t, h_next in enumerate(h_all.unbind(0)):
+        wh = linear(h, weight_hh).contiguous()  # (B, 4H), alive during the call
+        step(ref, t, wh.data_ptr())
+        h = h_next
+    return h_all, (h, c)
