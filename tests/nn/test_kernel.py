@@ -47,19 +47,27 @@ def fresh_kernel_state():
 
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
-    """How often the training recurrence and the evaluation loop went through the kernel."""
-    calls = {"train": 0, "eval": 0}
+    """How often the training recurrence (of which with the input term's batch norm inside) and the evaluation loop
+    went through the kernel."""
+    calls = {"train": 0, "input_norm": 0, "eval": 0}
     train, evaluate = kernel_module.kernel_recurrence, kernel_module.population_kernel_recurrence
+    input_norm = kernel_module.kernel_recurrence_input_norm
 
     def counted_train(*args):
         calls["train"] += 1
         return train(*args)
+
+    def counted_input_norm(*args):
+        calls["train"] += 1
+        calls["input_norm"] += 1
+        return input_norm(*args)
 
     def counted_eval(*args):
         calls["eval"] += 1
         return evaluate(*args)
 
     monkeypatch.setattr(kernel_module, "kernel_recurrence", counted_train)
+    monkeypatch.setattr(kernel_module, "kernel_recurrence_input_norm", counted_input_norm)
     monkeypatch.setattr(kernel_module, "population_kernel_recurrence", counted_eval)
     return calls
 
@@ -159,14 +167,17 @@ def test_kernel_training_equals_eager_and_reference(case, count_kernel_calls):
                 grad = res["truth"][f"grad {name}"]
                 for m in models.values():
                     m.get_parameter(name).copy_(p if grad is None else p - 0.05 * grad)
-    assert count_kernel_calls["train"] == 2 * L
+    assert count_kernel_calls["train"] == count_kernel_calls["input_norm"] == 2 * L
 
 
-def test_kernel_training_well_conditioned_equals_eager_elementwise(count_kernel_calls):
+@pytest.mark.parametrize("input_statistics", ["per_step", "sequence"])
+def test_kernel_training_well_conditioned_equals_eager_elementwise(input_statistics, count_kernel_calls):
     """A batch of 16 with a per-sequence state, 2 layers, T = 11: the kernel and the eager fused path agree
-    elementwise, rtol 1e-5 and atol 1e-5 of max(1, the tensor's scale), statistics included."""
+    elementwise, rtol 1e-5 and atol 1e-5 of max(1, the tensor's scale), statistics included; with per-step input
+    statistics the kernel normalizes the input term too, with sequence-wise ones (BN-e*) it takes the input term as
+    computed by the cell."""
     case = (4, 9, 16, 11, 2, 1, "explicit")
-    models = _variants(_model(4, 9, 2, 14, seed=50))
+    models = _variants(_model(4, 9, 2, 14, seed=50, input_statistics=input_statistics))
     x, state, weights = _data(case, seed=50)
     res_k = _train_step(models["kernel"], x, state, weights, 1)
     res_e = _train_step(models["eager"], x, state, weights, 1)
@@ -180,6 +191,7 @@ def test_kernel_training_well_conditioned_equals_eager_elementwise(count_kernel_
             res_k[key], res_e[key], rtol=1e-5, atol=1e-5 * scale, msg=lambda m, k=key: f"{k}: {m}"
         )
     assert count_kernel_calls["train"] == 2
+    assert count_kernel_calls["input_norm"] == (2 if input_statistics == "per_step" else 0)
 
 
 def test_kernel_training_without_grad_updates_statistics_like_eager(count_kernel_calls):

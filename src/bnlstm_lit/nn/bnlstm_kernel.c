@@ -6,6 +6,7 @@
  *
  *   BN_h(wh) = (wh - mean_h) * invstd_h * gamma_h      batch statistics over B rows, biased variance
  *   pre = BN_h(wh) + x_t;  i, f, o = sigmoid, g = tanh  gate order i, f, g, o
+ *   with input_bn: x_t = BN_x(wx_t) + bias, the input term's batch norm too (wx_t = W_x x_t given)
  *   c = f * c_prev + i * g
  *   tc = tanh((c - mean_c) * invstd_c * gamma_c + beta_c);  h = o * tc
  *
@@ -38,8 +39,14 @@
 typedef struct {
     int64_t B, H;
     int64_t keep;          /* 0 (no backward): act and tc are one step's scratch (1, B, .), wh is not written */
+    int64_t input_bn;      /* 1: x is W_x x_t, normalized here with gamma_x, plus bias */
     double eps;
-    const float *x;        /* (K, B, 4H): BN_t(W_x x_t) + b */
+    double eps_x;
+    const float *x;        /* (K, B, 4H): BN_t(W_x x_t) + b, or W_x x_t with input_bn */
+    const float *gamma_x;  /* (4H), with input_bn */
+    const float *bias;     /* (4H), with input_bn */
+    float *mean_x;         /* (K, 4H) out, with input_bn */
+    float *invstd_x;       /* (K, 4H) out, with input_bn */
     const float *c_before; /* (B, H) */
     const float *gamma_h;  /* (4H) */
     const float *gamma_c;  /* (H) */
@@ -54,12 +61,18 @@ typedef struct {
     float *mean_c;         /* (K, H) out */
     float *invstd_c;       /* (K, H) out */
     double *work;          /* 2 * 4H doubles */
-    float *fwork;          /* 2 * 4H floats */
+    float *fwork;          /* 5 * 4H floats */
 } bnlstm_forward_args;
 
 typedef struct {
     int64_t B, H;
+    int64_t input_bn;      /* 1: dpre is replaced by the gradient of W_x x_t through BN_x */
     double eps;
+    const float *x;        /* (K, B, 4H): W_x x_t, with input_bn */
+    const float *mean_x, *invstd_x;  /* (K, 4H), with input_bn */
+    const float *gamma_x;  /* (4H), with input_bn */
+    double *dgamma_x;      /* (4H) accumulated, with input_bn */
+    double *dbias;         /* (4H) accumulated, with input_bn */
     const float *dh_out;   /* (K, B, H): dL/dh_t from the outputs */
     const float *act;      /* (K, B, 4H) saved */
     const float *tc;       /* (K, B, H) saved */
@@ -71,13 +84,13 @@ typedef struct {
     const float *gamma_h;  /* (4H) */
     const float *gamma_c;  /* (H) */
     float *dc;             /* (B, H) in: dL/dc_t from step t+1; out: dL/dc_{t-1} */
-    float *dpre;           /* (K, B, 4H) out: dL/d pre_t (= dL/d x_t) */
+    float *dpre;           /* (K, B, 4H) out: dL/d pre_t (= dL/d x_t); with input_bn dL/d(W_x x_t) */
     float *dwh;            /* (K, B, 4H) out: dL/d(W_h h_{t-1}) */
     double *dgamma_h;      /* (4H) accumulated */
     double *dgamma_c;      /* (H) accumulated */
     double *dbeta_c;       /* (H) accumulated */
-    double *work;          /* 2 * 4H doubles */
-    float *fwork;          /* 3 * 4H floats */
+    double *work;          /* 4 * 4H doubles */
+    float *fwork;          /* 6 * 4H floats */
     float *scratch;        /* (B, H) floats */
 } bnlstm_backward_args;
 
@@ -174,15 +187,19 @@ VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t n, doub
 
 /* Row kernels: one sequence's H cells; restrict-qualified so that the compiler vectorizes them without alias checks.
  * Gate columns: [0, H) i, [H, 2H) f, [2H, 3H) g, [3H, 4H) o. */
+/* x_k = (x * ax + sx) + bias: the input term (ax = 1, sx = bias = 0 leave x as it is, exactly) */
+#define INPUT_TERM(k) ((x[k] * ax[k] + sx[k]) + bias[k])
+
 VECTOR_CLONES static void forward_gates_row(int64_t H, const float *restrict w, const float *restrict x,
-                              const float *restrict alpha, const float *restrict shift, const float *restrict cp,
+                              const float *restrict alpha, const float *restrict shift, const float *restrict ax,
+                              const float *restrict sx, const float *restrict bias, const float *restrict cp,
                               float *restrict c, float *restrict ai, float *restrict af, float *restrict ag,
                               float *restrict ao) {
     for (int64_t j = 0; j < H; ++j) {
-        float i = sigmoid_((w[j] * alpha[j] + shift[j]) + x[j]);
-        float f = sigmoid_((w[H + j] * alpha[H + j] + shift[H + j]) + x[H + j]);
-        float g = tanh_((w[2 * H + j] * alpha[2 * H + j] + shift[2 * H + j]) + x[2 * H + j]);
-        float o = sigmoid_((w[3 * H + j] * alpha[3 * H + j] + shift[3 * H + j]) + x[3 * H + j]);
+        float i = sigmoid_((w[j] * alpha[j] + shift[j]) + INPUT_TERM(j));
+        float f = sigmoid_((w[H + j] * alpha[H + j] + shift[H + j]) + INPUT_TERM(H + j));
+        float g = tanh_((w[2 * H + j] * alpha[2 * H + j] + shift[2 * H + j]) + INPUT_TERM(2 * H + j));
+        float o = sigmoid_((w[3 * H + j] * alpha[3 * H + j] + shift[3 * H + j]) + INPUT_TERM(3 * H + j));
         c[j] = f * cp[j] + i * g;
         ai[j] = i;
         af[j] = f;
@@ -211,14 +228,25 @@ void bnlstm_forward_step(const bnlstm_forward_args *a, int64_t t, const float *w
     float *mean_h = a->mean_h + t * G, *invstd_h = a->invstd_h + t * G;
     float *mean_c = a->mean_c + t * H, *invstd_c = a->invstd_c + t * H;
     double *s = a->work, *q = a->work + G;
-    float *alpha = a->fwork, *shift = a->fwork + G;
+    float *alpha = a->fwork, *shift = a->fwork + G, *ax = a->fwork + 2 * G, *sx = a->fwork + 3 * G;
+    const float *bias = a->fwork + 4 * G;
 
     if (a->keep) memcpy(a->wh + t * B * G, wh, (size_t)(B * G) * sizeof(float));
+    if (a->input_bn) {
+        batch_stats(x, B, G, a->eps_x, a->gamma_x, NULL, s, q, a->mean_x + t * G, a->invstd_x + t * G, ax, sx);
+        bias = a->bias;
+    } else {
+        for (int64_t j = 0; j < G; ++j) {
+            ax[j] = 1.0f;
+            sx[j] = 0.0f;
+            a->fwork[4 * G + j] = 0.0f;
+        }
+    }
     batch_stats(wh, B, G, a->eps, a->gamma_h, NULL, s, q, mean_h, invstd_h, alpha, shift);
     for (int64_t b = 0; b < B; ++b) {
         float *ar = act + b * G;
-        forward_gates_row(H, wh + b * G, x + b * G, alpha, shift, c_prev + b * H, c + b * H, ar, ar + H, ar + 2 * H,
-                          ar + 3 * H);
+        forward_gates_row(H, wh + b * G, x + b * G, alpha, shift, ax, sx, bias, c_prev + b * H, c + b * H, ar, ar + H,
+                          ar + 2 * H, ar + 3 * H);
     }
     batch_stats(c, B, H, a->eps, a->gamma_c, a->beta_c, s, q, mean_c, invstd_c, alpha, shift);
     for (int64_t b = 0; b < B; ++b)
@@ -278,6 +306,33 @@ VECTOR_CLONES static void column_sums_row(int64_t n, const float *restrict dy, c
     }
 }
 
+VECTOR_CLONES static void column_sums2_row(int64_t n, const float *restrict dy, const float *restrict x,
+                                          const float *restrict mean, const float *restrict x2,
+                                          const float *restrict mean2, double *restrict s, double *restrict q,
+                                          double *restrict s2, double *restrict q2) {
+    for (int64_t j = 0; j < n; ++j) {
+        double v = (double)dy[j];
+        s[j] += v;
+        q[j] += ((double)x[j] - (double)mean[j]) * v;
+        s2[j] += v;
+        q2[j] += ((double)x2[j] - (double)mean2[j]) * v;
+    }
+}
+
+/* Both batch-norm input gradients of dy: into dx (BN_h) and, replacing dy, into dy (BN_x). */
+VECTOR_CLONES static void bn_input_grad2_row(int64_t n, float *restrict dy, const float *restrict x,
+                                            const float *restrict mean, const float *restrict kk,
+                                            const float *restrict gm, const float *restrict scale, float *restrict dx,
+                                            const float *restrict x2, const float *restrict mean2,
+                                            const float *restrict kk2, const float *restrict gm2,
+                                            const float *restrict scale2) {
+    for (int64_t j = 0; j < n; ++j) {
+        float d = dy[j];
+        dx[j] = (d - gm[j] - (x[j] - mean[j]) * kk[j]) * scale[j];
+        dy[j] = (d - gm2[j] - (x2[j] - mean2[j]) * kk2[j]) * scale2[j];
+    }
+}
+
 VECTOR_CLONES static void bn_input_grad_row(int64_t n, const float *restrict dy, const float *restrict x, const float *restrict mean,
                               const float *restrict kk, const float *restrict gm, const float *restrict scale,
                               float *restrict dx) {
@@ -295,8 +350,11 @@ void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float 
     const float *mean_c = a->mean_c + t * H, *invstd_c = a->invstd_c + t * H;
     float *dpre = a->dpre + t * B * G, *dwh = a->dwh + t * B * G;
     float *dc = a->dc, *dco = a->scratch;
-    double *s = a->work, *q = a->work + G;
+    double *s = a->work, *q = a->work + G, *s2 = a->work + 2 * G, *q2 = a->work + 3 * G;
     float *kk = a->fwork, *gm = a->fwork + G, *scale = a->fwork + 2 * G;
+    float *kk2 = a->fwork + 3 * G, *gm2 = a->fwork + 4 * G, *scale2 = a->fwork + 5 * G;
+    const float *x = a->input_bn ? a->x + t * B * G : NULL;
+    const float *mean_x = a->input_bn ? a->mean_x + t * G : NULL, *invstd_x = a->input_bn ? a->invstd_x + t * G : NULL;
 
     /* d o, and d(tanh(BN(c))) -> d BN(c) -> dc */
     for (int64_t j = 0; j < H; ++j) s[j] = q[j] = 0.0;
@@ -310,19 +368,35 @@ void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float 
     bn_backward_coefficients(B, H, s, q, invstd_c, kk, gm);
     for (int64_t j = 0; j < H; ++j) scale[j] = invstd_c[j] * a->gamma_c[j];
     /* d i, d f, d g, dc_{t-1}; then the sums for BN_h's backward over all 4H columns */
-    for (int64_t j = 0; j < G; ++j) s[j] = q[j] = 0.0;
+    for (int64_t j = 0; j < G; ++j) s[j] = q[j] = s2[j] = q2[j] = 0.0;
     for (int64_t b = 0; b < B; ++b) {
         const float *ar = act + b * G;
         float *dp = dpre + b * G;
         backward_gates_row(H, dco + b * H, c + b * H, mean_c, kk, gm, scale, ar, ar + H, ar + 2 * H, c_prev + b * H,
                            dc + b * H, dp, dp + H, dp + 2 * H);
-        column_sums_row(G, dp, wh + b * G, mean_h, s, q);
+        if (x)
+            column_sums2_row(G, dp, wh + b * G, mean_h, x + b * G, mean_x, s, q, s2, q2);
+        else
+            column_sums_row(G, dp, wh + b * G, mean_h, s, q);
     }
     for (int64_t j = 0; j < G; ++j) a->dgamma_h[j] += q[j] * (double)invstd_h[j];
     bn_backward_coefficients(B, G, s, q, invstd_h, kk, gm);
     for (int64_t j = 0; j < G; ++j) scale[j] = invstd_h[j] * a->gamma_h[j];
-    /* d(W_h h_{t-1}) through BN_h */
-    for (int64_t b = 0; b < B; ++b) bn_input_grad_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G);
+    if (!x) { /* d(W_h h_{t-1}) through BN_h */
+        for (int64_t b = 0; b < B; ++b)
+            bn_input_grad_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G);
+        return;
+    }
+    /* and d(W_x x_t) through BN_x, replacing d pre */
+    for (int64_t j = 0; j < G; ++j) {
+        a->dgamma_x[j] += q2[j] * (double)invstd_x[j];
+        a->dbias[j] += s2[j];
+    }
+    bn_backward_coefficients(B, G, s2, q2, invstd_x, kk2, gm2);
+    for (int64_t j = 0; j < G; ++j) scale2[j] = invstd_x[j] * a->gamma_x[j];
+    for (int64_t b = 0; b < B; ++b)
+        bn_input_grad2_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G, x + b * G, mean_x, kk2,
+                           gm2, scale2);
 }
 
 VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, const float *restrict x, const float *restrict sh,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bnlstm_lit.nn import kernel as _kernel
 
-__all__ = ["fused_recurrence", "plain_lstm", "population_recurrence"]
+__all__ = ["fused_recurrence", "input_norm_recurrence", "plain_lstm", "population_recurrence"]
 
 
 _bn_backward = torch.ops.aten.native_batch_norm_backward.default  # autograd's own kernel for native_batch_norm
@@ -382,6 +382,37 @@ def fused_recurrence(
         var_h = (invstd_h.pow(-2) - eps).clamp_(min=0.0)  # the biased batch variance
         var_c = (invstd_c.pow(-2) - eps).clamp_(min=0.0)
     return outputs, (outputs[-1], c_last), (mean_h, var_h, mean_c, var_c)
+
+
+def input_norm_recurrence(
+    wx: Tensor,
+    state: tuple[Tensor, Tensor],
+    weight_hh: Tensor,
+    gamma_h: Tensor,
+    gamma_c: Tensor,
+    beta_c: Tensor,
+    gamma_x: Tensor,
+    bias: Tensor,
+    eps: float,
+    eps_x: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`fused_recurrence` through the native kernel with the input term's batch norm inside the kernel's steps:
+    wx = W_x x_t (T, B, 4H) instead of x_terms, each step's input term BN_t(wx_t; γ_x, ε_x) + bias with batch
+    statistics (float32 CPU, without autocast; check :func:`bnlstm_lit.nn.kernel.usable` first).
+
+    Returns what :func:`fused_recurrence` returns and the input term's per-step batch statistics (mean_x, var_x),
+    (T, 4H) each, detached.
+    """
+    h0, c0 = state
+    out = _kernel.kernel_recurrence_input_norm(
+        wx, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, gamma_x, bias, eps, eps_x
+    )
+    outputs, c_last, mean_h, invstd_h, mean_c, invstd_c, mean_x, invstd_x = out
+    with torch.no_grad():
+        var_h, var_c, var_x = (
+            (s.pow(-2) - e).clamp_(min=0.0) for s, e in ((invstd_h, eps), (invstd_c, eps), (invstd_x, eps_x))
+        )
+    return outputs, (outputs[-1], c_last), (mean_h, var_h, mean_c, var_c), (mean_x, var_x)
 
 
 def population_recurrence(

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["enabled", "kernel_recurrence", "library", "population_kernel_recurrence", "usable"]
+__all__ = [
+    "enabled",
+    "kernel_recurrence",
+    "kernel_recurrence_input_norm",
+    "library",
+    "population_kernel_recurrence",
+    "usable",
+]
 
 SOURCE = Path(__file__).with_name("bnlstm_kernel.c")
 #: Portable flags: no -march (the cache may be shared by machines), no -ffast-math (the results must match torch's).
@@ -59,18 +66,18 @@ _SIZES: list[tuple[str, Any]] = [("B", ctypes.c_int64), ("H", ctypes.c_int64)]
 class _ForwardArgs(ctypes.Structure):
     """bnlstm_forward_args of bnlstm_kernel.c (checked against its size on load)."""
 
-    _fields_ = [*_SIZES, ("keep", ctypes.c_int64), ("eps", ctypes.c_double)] + _pointers(
-        "x c_before gamma_h gamma_c beta_c h c wh act tc mean_h invstd_h mean_c invstd_c work fwork"
-    )
+    _fields_ = [*_SIZES, ("keep", ctypes.c_int64), ("input_bn", ctypes.c_int64)]
+    _fields_ += [("eps", ctypes.c_double), ("eps_x", ctypes.c_double)]
+    _fields_ += _pointers("x gamma_x bias mean_x invstd_x c_before gamma_h gamma_c beta_c h c wh act tc")
+    _fields_ += _pointers("mean_h invstd_h mean_c invstd_c work fwork")
 
 
 class _BackwardArgs(ctypes.Structure):
     """bnlstm_backward_args of bnlstm_kernel.c."""
 
-    _fields_ = [*_SIZES, ("eps", ctypes.c_double)] + _pointers(
-        "dh_out act tc wh c c_before mean_h invstd_h mean_c invstd_c gamma_h gamma_c dc dpre dwh dgamma_h dgamma_c "
-        "dbeta_c work fwork scratch"
-    )
+    _fields_ = [*_SIZES, ("input_bn", ctypes.c_int64), ("eps", ctypes.c_double)]
+    _fields_ += _pointers("x mean_x invstd_x gamma_x dgamma_x dbias dh_out act tc wh c c_before mean_h invstd_h")
+    _fields_ += _pointers("mean_c invstd_c gamma_h gamma_c dc dpre dwh dgamma_h dgamma_c dbeta_c work fwork scratch")
 
 
 class _PopulationArgs(ctypes.Structure):
@@ -200,44 +207,60 @@ def _linear_fn() -> Any:
 
 class _KernelRecurrence(torch.autograd.Function):
     """The training-mode recurrence of :class:`bnlstm_lit.nn.fused._BNLSTMRecurrence`, each step's pointwise and
-    batch-norm work one kernel call. Same inputs and outputs (float32 CPU).
+    batch-norm work one kernel call. Same inputs and outputs (float32 CPU), and optionally the input term's batch norm
+    too: with ``gamma_x`` and ``bias`` given, the first input is W_x x_t (T, B, 4H) and the kernel computes
+    BN_t(W_x x_t; γ_x) + b per step (its statistics are two more outputs), so the input term never exists as a
+    separate (T, B, 4H) tensor and its normalization costs no extra passes over memory.
 
-    As there, the saved per-step results (W_h h_{t-1}, the gate activations, c_t, tanh(BN(c_t))) live in buffers of
-    ``CHUNK`` steps, not in (T, B, ·) tensors: buffers of a few MiB are recycled by the allocator from one training
-    step to the next, whereas fresh (T, B, 4H) buffers are new pages from the OS every time (at the sequential-MNIST
-    shape their page faults cost more than the kernel's arithmetic). The kernel writes into the chunk's buffers
-    directly, through pointers moved once per chunk.
+    As in the eager path, the saved per-step results (W_h h_{t-1}, the gate activations, c_t, tanh(BN(c_t))) live in
+    buffers of ``CHUNK`` steps, not in (T, B, ·) tensors: buffers of a few MiB are recycled by the allocator from one
+    training step to the next, whereas fresh (T, B, 4H) buffers are new pages from the OS every time (at the
+    sequential-MNIST shape their page faults cost more than the kernel's arithmetic). The kernel writes into the
+    chunk's buffers directly, through pointers moved once per chunk.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        x_terms: Tensor,
+        x_in: Tensor,
         h0: Tensor,
         c0: Tensor,
         weight_hh: Tensor,
         gamma_h: Tensor,
         gamma_c: Tensor,
         beta_c: Tensor,
+        gamma_x: Tensor | None,
+        bias: Tensor | None,
         eps: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        eps_x: float,
+    ) -> tuple[Tensor, ...]:
         lib = library()
         assert lib is not None
-        T, B, G = x_terms.shape
+        T, B, G = x_in.shape
         H = G // 4
-        x_terms, c0 = x_terms.contiguous(), c0.contiguous()
+        input_bn = gamma_x is not None
+        x_in, c0 = x_in.contiguous(), c0.contiguous()
         gamma_h, gamma_c, beta_c = gamma_h.contiguous(), gamma_c.contiguous(), beta_c.contiguous()
         save = any(ctx.needs_input_grad)
-        new = x_terms.new_empty
+        new = x_in.new_empty
         h_all = new(T, B, H)  # the output
         mean_h, invstd_h, mean_c, invstd_c = new(T, G), new(T, G), new(T, H), new(T, H)
-        work, fwork = x_terms.new_empty(2 * G, dtype=torch.float64), new(2 * G)
+        mean_x, invstd_x = (new(T, G), new(T, G)) if input_bn else (new(0), new(0))
+        work, fwork = x_in.new_empty(2 * G, dtype=torch.float64), new(5 * G)
         # without a backward, act and tc are one step's scratch and wh is not written
         act, tc = (None, None) if save else (new(1, B, G), new(1, B, H))
-        args = _ForwardArgs(B, H, int(save), float(eps))
-        for name, t in (("gamma_h", gamma_h), ("gamma_c", gamma_c), ("beta_c", beta_c), ("work", work)):
+        args = _ForwardArgs(B, H, int(save), int(input_bn), float(eps), float(eps_x))
+        fixed = {"gamma_h": gamma_h, "gamma_c": gamma_c, "beta_c": beta_c, "work": work, "fwork": fwork}
+        if input_bn:
+            assert gamma_x is not None and bias is not None
+            gamma_x, bias = gamma_x.contiguous(), bias.contiguous()
+            fixed.update(gamma_x=gamma_x, bias=bias)
+        for name, t in fixed.items():
             setattr(args, name, t.data_ptr())
-        args.fwork = fwork.data_ptr()
+        per_step = {"x": x_in, "h": h_all, "mean_h": mean_h, "invstd_h": invstd_h, "mean_c": mean_c}
+        per_step["invstd_c"] = invstd_c
+        if input_bn:
+            per_step.update(mean_x=mean_x, invstd_x=invstd_x)
         step, ref, linear = lib.bnlstm_forward_step, ctypes.addressof(args), _linear_fn()
         cs, whs, acts, tcs = [], [], [], []
         h, c_before = h0, c0
@@ -254,8 +277,7 @@ class _KernelRecurrence(torch.autograd.Function):
                 args.wh = wh_k.data_ptr()
             assert act is not None and tc is not None
             args.act, args.tc = act.data_ptr(), tc.data_ptr()
-            for name, buf in (("x", x_terms), ("h", h_all), ("mean_h", mean_h), ("invstd_h", invstd_h),
-                              ("mean_c", mean_c), ("invstd_c", invstd_c)):  # fmt: skip
+            for name, buf in per_step.items():
                 setattr(args, name, buf[start].data_ptr())
             for k in range(K):
                 wh = linear(h, weight_hh).contiguous()  # (B, 4H), alive during the call
@@ -264,12 +286,15 @@ class _KernelRecurrence(torch.autograd.Function):
             c_before = c_k[-1]
         ctx.eps = eps
         ctx.chunks = len(cs)
+        ctx.input_bn = input_bn
         if save:
+            inputs = (x_in, mean_x, invstd_x, gamma_x) if input_bn else ()
             ctx.save_for_backward(
-                h0, c0, weight_hh, gamma_h, gamma_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *cs, *whs, *acts, *tcs
-            )
-        ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c)
-        return h_all, c_before.clone(), mean_h, invstd_h, mean_c, invstd_c
+                h0, c0, weight_hh, gamma_h, gamma_c, h_all, mean_h, invstd_h, mean_c, invstd_c, *inputs, *cs, *whs,
+                *acts, *tcs,
+            )  # fmt: skip
+        ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c, mean_x, invstd_x)
+        return h_all, c_before.clone(), mean_h, invstd_h, mean_c, invstd_c, mean_x, invstd_x
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -284,21 +309,28 @@ class _KernelRecurrence(torch.autograd.Function):
         assert lib is not None
         saved = ctx.saved_tensors
         h0, c0, weight_hh, gamma_h, gamma_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:10]
+        first = 14 if ctx.input_bn else 10
         n = ctx.chunks
-        cs, whs, acts, tcs = (saved[10 + j * n : 10 + (j + 1) * n] for j in range(4))
+        cs, whs, acts, tcs = (saved[first + j * n : first + (j + 1) * n] for j in range(4))
         T, B, H = h_all.shape
         G = 4 * H
         new = h_all.new_empty
         dh_out = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all.contiguous()
         dc = torch.zeros_like(c0) if grad_c_last is None else grad_c_last.contiguous().clone()  # updated in place
-        dpre = new(T, B, G)  # the gradient of x_terms
-        dgamma_h = h_all.new_zeros(G, dtype=torch.float64)
+        dpre = new(T, B, G)  # the gradient of x_in
+        dgamma_h, dgamma_x, dbias = (h_all.new_zeros(G, dtype=torch.float64) for _ in range(3))
         dgamma_c, dbeta_c = h_all.new_zeros(H, dtype=torch.float64), h_all.new_zeros(H, dtype=torch.float64)
-        work, fwork, scratch = h_all.new_empty(2 * G, dtype=torch.float64), new(3 * G), new(B, H)
-        args = _BackwardArgs(B, H, float(ctx.eps))
-        for name, t in (("gamma_h", gamma_h), ("gamma_c", gamma_c), ("dc", dc), ("dgamma_h", dgamma_h),
-                        ("dgamma_c", dgamma_c), ("dbeta_c", dbeta_c), ("work", work), ("fwork", fwork),
-                        ("scratch", scratch)):  # fmt: skip
+        work, fwork, scratch = h_all.new_empty(4 * G, dtype=torch.float64), new(6 * G), new(B, H)
+        args = _BackwardArgs(B, H, int(ctx.input_bn), float(ctx.eps))
+        fixed = {"gamma_h": gamma_h, "gamma_c": gamma_c, "dc": dc, "dgamma_h": dgamma_h, "dgamma_c": dgamma_c}
+        fixed.update(dbeta_c=dbeta_c, work=work, fwork=fwork, scratch=scratch)
+        per_step = {"dh_out": dh_out, "dpre": dpre, "mean_h": mean_h, "invstd_h": invstd_h, "mean_c": mean_c}
+        per_step["invstd_c"] = invstd_c
+        if ctx.input_bn:
+            x_in, mean_x, invstd_x, gamma_x = saved[10:14]
+            fixed.update(gamma_x=gamma_x, dgamma_x=dgamma_x, dbias=dbias)
+            per_step.update(x=x_in, mean_x=mean_x, invstd_x=invstd_x)
+        for name, t in fixed.items():
             setattr(args, name, t.data_ptr())
         step, ref, linear = lib.bnlstm_backward_step, ctypes.addressof(args), _linear_fn()
         weight_t = weight_hh.t().contiguous()  # (H, 4H): dh = dwh @ W_h
@@ -314,8 +346,7 @@ class _KernelRecurrence(torch.autograd.Function):
             )
             args.c_before = (cs[chunk - 1][-1] if chunk > 0 else c0).data_ptr()
             args.dwh = dwh.data_ptr()
-            for name, buf in (("dh_out", dh_out), ("dpre", dpre), ("mean_h", mean_h), ("invstd_h", invstd_h),
-                              ("mean_c", mean_c), ("invstd_c", invstd_c)):  # fmt: skip
+            for name, buf in per_step.items():
                 setattr(args, name, buf[start].data_ptr())
             for k in range(K - 1, -1, -1):
                 step(ref, k, dh.data_ptr())
@@ -336,6 +367,9 @@ class _KernelRecurrence(torch.autograd.Function):
             dgamma_h.float() if needs[4] else None,
             dgamma_c.float() if needs[5] else None,
             dbeta_c.float() if needs[6] else None,
+            dgamma_x.float() if needs[7] else None,
+            dbias.float() if needs[8] else None,
+            None,
             None,
         )
 
@@ -351,8 +385,28 @@ def kernel_recurrence(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """As ``_BNLSTMRecurrence.apply`` (float32 CPU; check :func:`usable` first): h_t for every step (T, B, H),
-    c_T (B, H), the per-step batch means and inverse standard deviations (T, 4H), (T, H), (T, H) and (T, H)."""
-    return _KernelRecurrence.apply(x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, eps)
+    c_T (B, H), the per-step batch means and inverse standard deviations (T, 4H), (T, 4H), (T, H) and (T, H)."""
+    out = _KernelRecurrence.apply(x_terms, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, None, None, eps, 0.0)
+    return out[:6]
+
+
+def kernel_recurrence_input_norm(
+    wx: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_hh: Tensor,
+    gamma_h: Tensor,
+    gamma_c: Tensor,
+    beta_c: Tensor,
+    gamma_x: Tensor,
+    bias: Tensor,
+    eps: float,
+    eps_x: float,
+) -> tuple[Tensor, ...]:
+    """:func:`kernel_recurrence` with the input term's batch norm inside: wx = W_x x_t (T, B, 4H), and each step's
+    input term is BN_t(wx_t; γ_x, ε_x) + bias with batch statistics. Returns the outputs of :func:`kernel_recurrence`
+    and the input term's per-step batch means and inverse standard deviations (T, 4H) each."""
+    return _KernelRecurrence.apply(wx, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, gamma_x, bias, eps, eps_x)
 
 
 def population_kernel_recurrence(

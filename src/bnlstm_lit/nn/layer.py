@@ -8,9 +8,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from bnlstm_lit.nn import kernel
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, InputStatistics, RecurrentInit
-from bnlstm_lit.nn.fused import fused_recurrence, plain_lstm, population_recurrence
+from bnlstm_lit.nn.fused import fused_recurrence, input_norm_recurrence, plain_lstm, population_recurrence
 
 CellType = Literal["lstm", "tanh"]
 BackwardReversal = Literal["unpadded", "padded"]
@@ -271,6 +272,18 @@ class BNLSTM(nn.Module):
             return self._run_layer(cell, x, state, mask, start)  # statistics all-reduced over processes
         T, B, _ = x.shape
         bn_h.check_batch_statistics(start, T, B)
+        bn_x = cell.bn_x
+        if self._kernel_input_norm(cell, x):  # the input term's batch norm inside the kernel's steps
+            assert bn_x is not None and bn_x.weight is not None
+            bn_x.check_batch_statistics(start, T, B)
+            outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
+                x @ cell.weight_ih.t(), state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_x.weight,
+                cell.bias, bn_h.eps, bn_x.eps,
+            )  # fmt: skip
+            bn_x._update_running_stats(start, mean_x, var_x, None)
+            bn_h._update_running_stats(start, mean_h, var_h, None)
+            bn_c._update_running_stats(start, mean_c, var_c, None)
+            return outputs, final
         x_terms = cell.input_term(x, None, start)  # (T, B, 4H), its own statistics kept by bn_x
         outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
             x_terms, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_h.eps, self.compile_steps,
@@ -279,6 +292,18 @@ class BNLSTM(nn.Module):
         bn_h._update_running_stats(start, mean_h, var_h, None)
         bn_c._update_running_stats(start, mean_c, var_c, None)
         return outputs, final
+
+    def _kernel_input_norm(self, cell: BNLSTMCell, x: Tensor) -> bool:
+        """The training step can run the input term's per-step batch norm inside the native kernel: float32 CPU
+        without autocast, per-step input statistics (not ``input_statistics="sequence"``), not synchronized."""
+        bn_x = cell.bn_x
+        if not self.native_kernel or self.compile_steps or bn_x is None or bn_x.weight is None:
+            return False
+        if bn_x.bias is not None or bn_x.shared_over_time or not bn_x.training or bn_x.syncing():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return kernel.usable(x, cell.weight_ih, cell.weight_hh, cell.bias, bn_x.weight)
 
     @staticmethod
     def _run_layer_population(
