@@ -23,12 +23,14 @@ after about 1,000 steps while the additive one was still at chance after 5,000.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from bnlstm_lit.nn import BNLSTM, SequenceBatchNorm
+from bnlstm_lit.nn.cell import GAMMA_SITES, GammaInit, site_gammas
 
 Variant = Literal["lstm", "bnlstm", "bn_everywhere", "bn_e_star", "bn_e_star_star"]
 Attention = Literal["additive", "bilinear"]
@@ -53,7 +55,9 @@ class AttentiveReader(nn.Module):
         hidden_size: H per direction (240 in the paper's reduced setting, 120 on the full task).
         embedding_size: token embedding size (defaults to hidden_size).
         variant: one of :data:`VARIANTS`.
-        gamma_init: initial γ of every BN site.
+        gamma_init: initial γ of every BN site (the paper's 0.1), or per site: ``"input"``, ``"recurrent"``,
+            ``"cell"`` for both encoders; the BN-everywhere sites by name (``"ym"``, ``"um"``, ``"rg"``, ``"ug"``;
+            bilinear: ``"su"``, ``"rg"``, ``"ug"``), ``"attention"`` for those not named; anything else 0.1.
         momentum: running-average rate of the statistics (None: cumulative).
         dropout: on the embeddings.
         attention: ``"additive"`` (Hermann et al. 2015, the paper's) or ``"bilinear"`` (Chen et al. 2016).
@@ -67,7 +71,7 @@ class AttentiveReader(nn.Module):
         hidden_size: int = 240,
         embedding_size: int | None = None,
         variant: Variant = "bn_e_star_star",
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         momentum: float | None = 0.1,
         dropout: float = 0.0,
         attention: Attention = "additive",
@@ -78,6 +82,10 @@ class AttentiveReader(nn.Module):
         if attention not in ("additive", "bilinear"):
             raise ValueError(f"AttentiveReader: attention must be 'additive' or 'bilinear', got {attention!r}")
         normalize, attention_bn, input_statistics, reversal = VARIANTS[variant]
+        sites: tuple[str, ...] = ("ym", "um", "rg", "ug") if attention == "additive" else ("su", "rg", "ug")
+        gammas = site_gammas("AttentiveReader", gamma_init, (*GAMMA_SITES, "attention", *sites))
+        if isinstance(gamma_init, Mapping):  # an attention site not named takes the "attention" value
+            gammas.update({site: gammas["attention"] for site in sites if site not in gamma_init})
         self.variant = variant
         self.attention = attention
         E = embedding_size or hidden_size
@@ -85,29 +93,27 @@ class AttentiveReader(nn.Module):
         self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
         encoder = dict(
-            batch_first=True, max_steps=max_steps, normalize=normalize, gamma_init=gamma_init, momentum=momentum,
+            batch_first=True, max_steps=max_steps, normalize=normalize, momentum=momentum,
+            gamma_init={site: gammas[site] for site in GAMMA_SITES},
             bidirectional=True, input_statistics=input_statistics, backward_reversal=reversal,
         )  # fmt: skip
         self.document = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
         self.query = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
-        sites: tuple[str, ...]
         if attention == "additive":
             self.W_ym = nn.Linear(H2, H2, bias=False)
             self.W_um = nn.Linear(H2, H2)
             self.w_ms = nn.Linear(H2, 1, bias=False)
-            sites = ("ym", "um", "rg", "ug")
         else:
             self.W_s = nn.Linear(H2, H2, bias=False)
-            sites = ("su", "rg", "ug")
         self.W_rg = nn.Linear(H2, H2, bias=False)
         self.W_ug = nn.Linear(H2, H2)
         self.W_g = nn.Linear(H2, num_entities)
         self.bn: nn.ModuleDict | None = None
         if attention_bn:  # the terms entering tanh: statistics over the batch (and the real positions for y_d)
-            site = dict(
-                max_steps=1, eps=1e-5, momentum=momentum, bias=False, gamma_init=gamma_init, shared_over_time=True
+            site = dict(max_steps=1, eps=1e-5, momentum=momentum, bias=False, shared_over_time=True)
+            self.bn = nn.ModuleDict(
+                {name: SequenceBatchNorm(H2, gamma_init=gammas[name], **site) for name in sites}  # type: ignore[arg-type]
             )
-            self.bn = nn.ModuleDict({name: SequenceBatchNorm(H2, **site) for name in sites})  # type: ignore[arg-type]
 
     def _norm(self, name: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """BN of a (B, C) vector term, or of a (B, T, C) term over its real positions; identity without BN."""

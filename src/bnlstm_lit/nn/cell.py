@@ -22,6 +22,7 @@ The cell contract (one for every cell, the layer owns the time loop):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -31,6 +32,25 @@ from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
 
 RecurrentInit = Literal["orthogonal", "identity_g"]
 InputStatistics = Literal["per_step", "sequence"]
+#: one γ for every BN site, or per site: ``{"input": γ_x, "recurrent": γ_h, "cell": γ_c}`` (missing sites: 0.1)
+GammaInit = float | dict[str, float]
+GAMMA_SITES = ("input", "recurrent", "cell")
+
+
+def site_gammas(owner: str, gamma_init: GammaInit, sites: tuple[str, ...] = GAMMA_SITES) -> dict[str, float]:
+    """The initial γ of each BN site: one number for all, or a mapping by site name (missing sites take the paper's
+    0.1). An unknown site name or a γ that is not a positive number is an error naming ``owner``."""
+    if isinstance(gamma_init, Mapping):
+        unknown = sorted(set(gamma_init) - set(sites))
+        if unknown:
+            raise ValueError(f"{owner}: gamma_init keys must be among {list(sites)}, got {unknown}")
+        values = {site: gamma_init.get(site, 0.1) for site in sites}
+    else:
+        values = dict.fromkeys(sites, gamma_init)
+    for site, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{owner}: gamma_init for the {site} site must be a positive number, got {value!r}")
+    return {site: float(value) for site, value in values.items()}
 
 
 def _check_arguments(cell: str, input_size: int, hidden_size: int, recurrent_init: str, input_statistics: str) -> None:
@@ -51,7 +71,8 @@ class BNLSTMCell(nn.Module):
         hidden_size: H.
         max_steps: number of time steps with their own population statistics (longest training sequence).
         normalize: False gives the plain LSTM baseline (no BN sites, no γ/β).
-        gamma_init: initial γ of every BN site (0.1, SPEC §1).
+        gamma_init: initial γ of every BN site (0.1, SPEC §1), or per site ``{"input": γ_x, "recurrent": γ_h,
+            "cell": γ_c}`` (missing sites 0.1).
         eps: BN ε.
         momentum: rate of the running average of per-step statistics (0.01 MNIST, 0.05 language modelling in the
             original code); None keeps the cumulative average.
@@ -74,7 +95,7 @@ class BNLSTMCell(nn.Module):
         hidden_size: int,
         max_steps: int,
         normalize: bool = True,
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
@@ -95,14 +116,15 @@ class BNLSTMCell(nn.Module):
         self.bn_x: SequenceBatchNorm | None = None
         self.bn_h: SequenceBatchNorm | None = None
         self.bn_c: SequenceBatchNorm | None = None
+        gammas = site_gammas("BNLSTMCell", gamma_init)
         if normalize:
             # input and recurrent terms: scale only (their shift would duplicate b); the cell: scale and shift
             self.bn_x = SequenceBatchNorm(
-                4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init,
+                4 * H, max_steps, eps, momentum, bias=False, gamma_init=gammas["input"],
                 shared_over_time=input_statistics == "sequence",
             )  # fmt: skip
-            self.bn_h = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
-            self.bn_c = SequenceBatchNorm(H, max_steps, eps, momentum, bias=True, gamma_init=gamma_init)
+            self.bn_h = SequenceBatchNorm(4 * H, max_steps, eps, momentum, bias=False, gamma_init=gammas["recurrent"])
+            self.bn_c = SequenceBatchNorm(H, max_steps, eps, momentum, bias=True, gamma_init=gammas["cell"])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,7 +199,7 @@ class BNRNNCell(nn.Module):
         hidden_size: int,
         max_steps: int,
         normalize: bool = True,
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
@@ -197,12 +219,15 @@ class BNRNNCell(nn.Module):
         self.bn_x: SequenceBatchNorm | None = None
         self.bn_h: SequenceBatchNorm | None = None
         self.bn_c: SequenceBatchNorm | None = None  # no cell: the attribute exists so code can ask every cell
+        gammas = site_gammas("BNRNNCell", gamma_init, GAMMA_SITES[:2])
         if normalize:
             self.bn_x = SequenceBatchNorm(
-                hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init,
+                hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gammas["input"],
                 shared_over_time=input_statistics == "sequence",
             )  # fmt: skip
-            self.bn_h = SequenceBatchNorm(hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gamma_init)
+            self.bn_h = SequenceBatchNorm(
+                hidden_size, max_steps, eps, momentum, bias=False, gamma_init=gammas["recurrent"]
+            )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -26,7 +26,7 @@ from bnlstm_lit.data.text import SampleRequest, TextBatch
 from bnlstm_lit.metrics import BitsPerCharacter
 from bnlstm_lit.models import CharRNN
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
-from bnlstm_lit.nn.cell import RecurrentInit
+from bnlstm_lit.nn.cell import GammaInit, RecurrentInit
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
 State = tuple[Tensor, Tensor]
@@ -46,7 +46,7 @@ class CharLanguageModel(BNLSTMTask):
         hidden_size: LSTM units (1000 for PTB, 2000 for text8 in the paper).
         num_layers: stacked LSTM layers.
         normalize: True for the BN-LSTM, False for the LSTM baseline.
-        gamma_init: initial γ of every BN site (0.1).
+        gamma_init: initial γ of every BN site (0.1), or per site {"input": γ_x, "recurrent": γ_h, "cell": γ_c}.
         momentum: running-average rate of the per-step statistics (0.05 for language modelling in the original code).
         recurrent_init: "orthogonal" (the paper's language models) or "identity_g".
         dropout: between stacked layers.
@@ -65,7 +65,7 @@ class CharLanguageModel(BNLSTMTask):
         hidden_size: int = 1000,
         num_layers: int = 1,
         normalize: bool = True,
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         momentum: float | None = 0.05,
         recurrent_init: RecurrentInit = "orthogonal",
         dropout: float = 0.0,

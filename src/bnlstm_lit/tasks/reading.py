@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 
 from bnlstm_lit.data.cnn import QABatch
 from bnlstm_lit.models.reader import Attention, AttentiveReader, Variant
+from bnlstm_lit.nn.cell import GammaInit
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
 
@@ -41,7 +42,7 @@ class ReadingComprehension(BNLSTMTask):
         hidden_size: int = 240,
         embedding_size: int | None = None,
         variant: Variant = "bn_e_star_star",
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         momentum: float | None = 0.1,
         dropout: float = 0.0,
         attention: Attention = "additive",

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 from bnlstm_lit.models import LastStateReadout
-from bnlstm_lit.nn.cell import RecurrentInit
+from bnlstm_lit.nn.cell import GammaInit, RecurrentInit
 from bnlstm_lit.nn.layer import CellType
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
@@ -36,7 +36,7 @@ class SequenceTask(BNLSTMTask):
         hidden_size: LSTM units (100 for MNIST in the paper).
         num_layers: stacked LSTM layers.
         normalize: True for the BN-LSTM, False for the LSTM baseline (same graph without the BN sites).
-        gamma_init: initial γ of every BN site (0.1).
+        gamma_init: initial γ of every BN site (0.1), or per site {"input": γ_x, "recurrent": γ_h, "cell": γ_c}.
         momentum: running-average rate of the per-step statistics used for monitoring (0.01 for MNIST in the
             original code); None for a cumulative average.
         recurrent_init: "orthogonal", or "identity_g" (identity on the candidate block: the paper's MNIST init).
@@ -57,7 +57,7 @@ class SequenceTask(BNLSTMTask):
         hidden_size: int = 100,
         num_layers: int = 1,
         normalize: bool = True,
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         momentum: float | None = 0.1,
         recurrent_init: RecurrentInit = "orthogonal",
         h0_noise_std: float = 0.0,
