@@ -335,3 +335,26 @@ def test_fused_recurrence_kernel_argument():
     torch.testing.assert_close(with_kernel[0], without[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(with_kernel[2], without[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_population_recurrence_kernel_argument(count_kernel_calls):
+    """population_recurrence on a given input term: without gradients kernel=True runs the kernel (input term taken
+    as it is) and equals kernel=False; with gradients the differentiable eager loop runs."""
+    g = torch.Generator().manual_seed(55)
+    T, B, H = 7, 3, 6
+    x_terms = torch.randn(T, B, 4 * H, generator=g)
+    state = (torch.randn(B, H, generator=g), torch.randn(B, H, generator=g))
+    weight = torch.randn(4 * H, H, generator=g) * 0.3
+    scales = (
+        torch.rand(T, 4 * H, generator=g) + 0.5,
+        torch.rand(T, H, generator=g) + 0.5,
+        torch.randn(T, H, generator=g),
+    )
+    with torch.no_grad():
+        out_k, (h_k, c_k) = fused.population_recurrence(x_terms, state, weight, *scales, kernel=True)
+        out_e, (h_e, c_e) = fused.population_recurrence(x_terms, state, weight, *scales, kernel=False)
+    assert count_kernel_calls["eval"] == 1
+    for got, want in ((out_k, out_e), (h_k, h_e), (c_k, c_e)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    fused.population_recurrence(x_terms.requires_grad_(), state, weight, *scales, kernel=True)
+    assert count_kernel_calls["eval"] == 1

@@ -96,7 +96,9 @@ typedef struct {
 
 typedef struct {
     int64_t B, H;
-    const float *x;        /* (T, B, 4H): BN_t(W_x x_t) + b + the recurrent term's shift */
+    const float *x;        /* (T, B, 4H): W_x x_t */
+    const float *scale_x;  /* (T, 4H): the input term is shift_x + x * scale_x */
+    const float *shift_x;  /* (T, 4H): includes b and the recurrent term's shift */
     const float *scale_h;  /* (T, 4H) */
     const float *scale_c;  /* (T, H) */
     const float *shift_c;  /* (T, H) */
@@ -399,13 +401,18 @@ void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float 
                            gm2, scale2);
 }
 
-VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, const float *restrict x, const float *restrict sh,
-                           const float *restrict sc, const float *restrict bc, float *restrict c, float *restrict h) {
+/* the pre-activation of column k: (shift_x + x * scale_x) + wh * scale_h, as the eager path's two addcmul */
+#define POPULATION_PRE(k) ((bx[k] + x[k] * ax[k]) + w[k] * sh[k])
+
+VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, const float *restrict x,
+                                         const float *restrict ax, const float *restrict bx,
+                                         const float *restrict sh, const float *restrict sc,
+                                         const float *restrict bc, float *restrict c, float *restrict h) {
     for (int64_t j = 0; j < H; ++j) {
-        float i = sigmoid_(x[j] + w[j] * sh[j]);
-        float f = sigmoid_(x[H + j] + w[H + j] * sh[H + j]);
-        float g = tanh_(x[2 * H + j] + w[2 * H + j] * sh[2 * H + j]);
-        float o = sigmoid_(x[3 * H + j] + w[3 * H + j] * sh[3 * H + j]);
+        float i = sigmoid_(POPULATION_PRE(j));
+        float f = sigmoid_(POPULATION_PRE(H + j));
+        float g = tanh_(POPULATION_PRE(2 * H + j));
+        float o = sigmoid_(POPULATION_PRE(3 * H + j));
         float cv = f * c[j] + i * g;
         c[j] = cv;
         h[j] = o * tanh_(bc[j] + cv * sc[j]);
@@ -415,7 +422,8 @@ VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, con
 void bnlstm_population_step(const bnlstm_population_args *a, int64_t t, const float *wh) {
     const int64_t B = a->B, H = a->H, G = 4 * H;
     const float *x = a->x + t * B * G, *sh = a->scale_h + t * G;
+    const float *ax = a->scale_x + t * G, *bx = a->shift_x + t * G;
     const float *sc = a->scale_c + t * H, *bc = a->shift_c + t * H;
     float *h = a->h + t * B * H;
-    for (int64_t b = 0; b < B; ++b) population_row(H, wh + b * G, x + b * G, sh, sc, bc, a->c + b * H, h + b * H);
+    for (int64_t b = 0; b < B; ++b) population_row(H, wh + b * G, x + b * G, ax, bx, sh, sc, bc, a->c + b * H, h + b * H);
 }

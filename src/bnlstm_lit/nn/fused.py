@@ -442,7 +442,8 @@ def population_recurrence(
     tensors = (x_terms, h, c, weight_hh, scale_h, scale_c, shift_c)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if kernel and not grad and _kernel.usable(*tensors):
-        return _kernel.population_kernel_recurrence(*tensors)
+        ones, zeros = scale_h.new_ones(scale_h.shape), scale_h.new_zeros(scale_h.shape)  # the input term as it is
+        return _kernel.population_kernel_recurrence(x_terms, h, c, weight_hh, ones, zeros, scale_h, scale_c, shift_c)
     outputs = []
     for t in range(x_terms.shape[0]):
         wh = torch.mm(h, weight_hh.t()) if grad else _linear(h, weight_hh)  # the private op has no autograd

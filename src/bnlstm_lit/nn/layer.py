@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import kernel
+from bnlstm_lit.nn import kernel as native
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, InputStatistics, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, input_norm_recurrence, plain_lstm, population_recurrence
@@ -303,7 +303,7 @@ class BNLSTM(nn.Module):
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
-        return kernel.usable(x, cell.weight_ih, cell.weight_hh, cell.bias, bn_x.weight)
+        return native.usable(x, cell.weight_ih, cell.weight_hh, cell.bias, bn_x.weight)
 
     @staticmethod
     def _run_layer_population(
@@ -327,6 +327,14 @@ class BNLSTM(nn.Module):
         scale_x, shift_x = scale_shift(bn_x)
         scale_h, shift_h = scale_shift(bn_h)
         scale_c, shift_c = scale_shift(bn_c)
+        tensors = (x, cell.weight_ih, cell.weight_hh, scale_x, scale_h, scale_c, *state)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, cell.bias, shift_x, shift_h))
+        if kernel and not grad and not torch.is_autocast_enabled(x.device.type) and native.usable(*tensors):
+            # the input term folded into the kernel's steps too: no (T, B, 4H) pass besides the matmul
+            shift = shift_x + shift_h + cell.bias
+            return native.population_kernel_recurrence(
+                x @ cell.weight_ih.t(), *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c
+            )
         # BN_t(W_x x_t) + b + (the recurrent term's shift): one matmul and one fused pass over (T, B, 4H)
         x_terms = torch.addcmul((shift_x + shift_h + cell.bias)[:, None], x @ cell.weight_ih.t(), scale_x[:, None])
         return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c, kernel)
