@@ -11,6 +11,10 @@
   step, folded into one scale and one shift, so a step is the recurrent matmul and a handful of fused pointwise ops.
 * :func:`plain_lstm` -- the LSTM baseline (``normalize=False``) through torch's own fused LSTM kernel.
 
+On float32 CPU tensors the first two run each step's pointwise and batch-norm work as one call into the native
+kernel of :mod:`bnlstm_lit.nn.kernel` where it is available (``kernel=True``, the default); the layer's training
+step then uses :func:`input_norm_recurrence`, which also normalizes the input term inside the kernel's steps.
+
 All compute what the reference path computes, to float rounding (tested: outputs, every gradient, statistics).
 """
 

@@ -1,19 +1,29 @@
 """A native kernel for the per-step work of the BN-LSTM recurrence on float32 CPU tensors.
 
 On CPU at small shapes the eager fused path (:mod:`bnlstm_lit.nn.fused`) spends most of a step dispatching ~14 small
-torch ops forward and ~25 backward. Here a step is the recurrent matmul in torch (oneDNN, as before) and *one* call
-into ``bnlstm_kernel.c`` (plain C on raw float32 pointers, no torch headers), forward and backward, writing directly
-into rows of preallocated (T, B, ·) buffers; likewise one call per step for evaluation with population statistics.
+torch ops forward and ~25 backward. Here a step is the recurrent matmul in torch (oneDNN, with the weight reordered
+once per sequence into its blocked layout) and *one* call into ``bnlstm_kernel.c`` (plain C on raw float32 pointers,
+no torch headers), forward and backward, writing directly into rows of preallocated buffers:
+
+* :func:`kernel_recurrence` -- the training recurrence of :func:`~bnlstm_lit.nn.fused.fused_recurrence` (given the
+  input term BN_t(W_x x_t) + b);
+* :func:`kernel_recurrence_input_norm` -- the same with the input term's per-step batch norm inside the steps too
+  (given W_x x_t): the layer's default in training, so the normalized (T, B, 4H) input term never exists;
+* :func:`population_kernel_recurrence` -- evaluation with population statistics, without gradients.
 
 The C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``)
 into a per-user cache, ``$BNLSTM_LIT_CACHE_DIR`` or ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``, under a
 name keyed by a hash of the source, the compiler, the flags and the platform; written to a temporary file and renamed
-into place, so concurrent processes (DDP) are safe and later processes load it without compiling (about a second
+into place, so concurrent processes (DDP) are safe and later processes load it without compiling (under a second
 the first time). ``BNLSTM_LIT_KERNEL=0`` (or ``false``/``off``/``no``) turns the kernel off: nothing is built and the
 eager fused path runs. Without a working compiler the eager path runs too, with one warning per process.
 
-Numerics: batch sums in double, in row order (deterministic, as torch's CPU batch norm), activations through libm's
-``expf``/``tanhf``; the results agree with the eager path to float rounding (tested).
+The kernel runs on one thread (torch's threads do the matmuls); on x86-64 Linux its loops are compiled for AVX2 and
+for the baseline, chosen at load time, with bit-identical results.
+
+Numerics: batch sums in double, in row order (deterministic, as torch's CPU batch norm); exp, sigmoid and tanh
+through branch-free float approximations accurate to about one unit in the last place (as torch's vectorized CPU
+kernels; no -ffast-math); the results agree with the eager path and the reference loop to float rounding (tested).
 """
 
 from __future__ import annotations
