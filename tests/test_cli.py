@@ -500,10 +500,12 @@ def test_batch_size_one_with_batch_norm_is_refused(request: pytest.FixtureReques
         )
 
 
+CNN_VARIANTS = ("lstm", "bnlstm", "bn_everywhere", "bn_e_star", "bn_e_star_star")
 #: overlay -> (the configs it is written for, the max_steps and hidden_size the combination must have)
 OVERLAYS: dict[str, tuple[tuple[str, ...], int, int]] = {
     "ptb_short_cpu.yaml": (("ptb_lstm.yaml", "ptb_bnlstm.yaml"), 1000, 256),
     "mnist_short_cpu.yaml": (("pmnist_lstm.yaml", "pmnist_bnlstm.yaml", "smnist_bnlstm.yaml"), 400, 100),
+    "cnn_synthetic_cpu.yaml": (tuple(f"cnn_{v}.yaml" for v in CNN_VARIANTS), 1500, 32),
 }
 
 
