@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from bnlstm_lit.nn import kernel as native
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
-from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, InputStatistics, RecurrentInit
+from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, GammaInit, InputStatistics, RecurrentInit
 from bnlstm_lit.nn.fused import fused_recurrence, input_norm_recurrence, plain_lstm, population_recurrence
 
 CellType = Literal["lstm", "tanh"]
@@ -32,7 +32,8 @@ class BNLSTM(nn.Module):
         max_steps: T_max, steps with their own population statistics (the longest training sequence); evaluation on
             longer sequences reuses the statistics of step T_max-1.
         normalize: False gives the plain LSTM baseline, numerically ``torch.nn.LSTM`` (b = b_ih + b_hh).
-        gamma_init: initial γ of every BN site (0.1).
+        gamma_init: initial γ of every BN site (0.1), or per site ``{"input": γ_x, "recurrent": γ_h, "cell": γ_c}``
+            (missing sites 0.1; the tanh cell has no "cell" site).
         eps: BN ε (1e-5).
         momentum: running-average rate of the per-step statistics (None: cumulative average).
         forget_bias: initial forget-gate slice of b (1.0).
@@ -98,7 +99,7 @@ class BNLSTM(nn.Module):
         batch_first: bool = False,
         max_steps: int = 1000,
         normalize: bool = True,
-        gamma_init: float = 0.1,
+        gamma_init: GammaInit = 0.1,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         forget_bias: float = 1.0,
