@@ -256,9 +256,9 @@ def test_second_load_does_not_recompile(tmp_path, monkeypatch, fresh_kernel_stat
     builds = []
     compile_ = kernel_module._compile
 
-    def counted(target: Path) -> None:
+    def counted(target: Path, flags: list[str]) -> None:
         builds.append(target)
-        compile_(target)
+        compile_(target, flags)
 
     monkeypatch.setattr(kernel_module, "_compile", counted)
     assert kernel_module.library() is not None
@@ -305,7 +305,7 @@ def test_switched_off_by_environment_nothing_is_built(tmp_path, monkeypatch, fre
     monkeypatch.setenv(kernel_module.ENV_SWITCH, "0")
     monkeypatch.setenv(kernel_module.ENV_CACHE, str(tmp_path / "cache"))
 
-    def refuse(target: Path) -> None:
+    def refuse(target: Path, flags: list[str]) -> None:
         raise AssertionError("compiled although switched off")
 
     monkeypatch.setattr(kernel_module, "_compile", refuse)
@@ -358,3 +358,24 @@ def test_population_recurrence_kernel_argument(count_kernel_calls):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     fused.population_recurrence(x_terms.requires_grad_(), state, weight, *scales, kernel=True)
     assert count_kernel_calls["eval"] == 1
+
+
+@pytest.mark.parametrize(("H", "threads"), [(40, 2), (72, 3)])
+def test_kernel_column_blocks_on_several_threads_give_identical_results(H, threads, monkeypatch):
+    """The kernel splits each step into blocks of columns (uneven ones here: H=40 in 2, H=72 in 3), on OpenMP threads
+    where built with them: training (outputs, every gradient, statistics) and evaluation give exactly the results of
+    one block on one thread. Fails if a block reads or writes another block's columns (statistics, scratch)."""
+    torch.manual_seed(56)
+    model = _model(3, H, 2, 6, seed=56)
+    x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(56))
+    results = []
+    for n in (1, threads):
+        monkeypatch.setattr(kernel_module, "_threads", lambda elements, n=n: n)
+        m = copy.deepcopy(model)
+        out, (h, c) = m(x)
+        (out.sum() + (c**2).sum()).backward()
+        with torch.no_grad():
+            evaluated = m.eval()(x, start_step=1)[0]
+        results.append([out, h, c, evaluated, *(p.grad for p in m.parameters()), *m.buffers()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -17,6 +17,9 @@
  * Tensors are row-major and contiguous: per step (B, 4H) for the recurrent term, the input term and the gates,
  * (B, H) for the cell and h. Sequence buffers are (K, B, .) and (K, .) for the K steps of a chunk (the caller points
  * them at the chunk's first step); step k's rows start at k * (B * width); c_before is the cell before step 0.
+ * Every column (a cell j and its four gate columns j, H + j, 2H + j, 3H + j) is computed independently of the
+ * others, so a step splits into blocks of columns with no reduction across blocks: with threads > 1 (and OpenMP) the
+ * blocks run in parallel and the results are the same, bit for bit, as on one thread.
  * Plain C99 with <math.h> only; built by bnlstm_lit.nn.kernel with the system compiler, without -ffast-math.
  */
 #include <math.h>
@@ -38,6 +41,7 @@
 
 typedef struct {
     int64_t B, H;
+    int64_t threads;       /* > 1: the columns are split into that many blocks, one OpenMP thread each */
     int64_t keep;          /* 0 (no backward): act and tc are one step's scratch (1, B, .), wh is not written */
     int64_t input_bn;      /* 1: x is W_x x_t, normalized here with gamma_x, plus bias */
     double eps;
@@ -66,6 +70,7 @@ typedef struct {
 
 typedef struct {
     int64_t B, H;
+    int64_t threads;
     int64_t input_bn;      /* 1: dpre is replaced by the gradient of W_x x_t through BN_x */
     double eps;
     const float *x;        /* (K, B, 4H): W_x x_t, with input_bn */
@@ -96,6 +101,7 @@ typedef struct {
 
 typedef struct {
     int64_t B, H;
+    int64_t threads;
     const float *x;        /* (T, B, 4H): W_x x_t */
     const float *scale_x;  /* (T, 4H): the input term is shift_x + x * scale_x */
     const float *shift_x;  /* (T, 4H): includes b and the recurrent term's shift */
@@ -155,14 +161,15 @@ static inline float tanh_(float v) {
     return a < 0.625f ? small : large;
 }
 
-/* Batch mean and inverse standard deviation (biased variance) of the n columns of x (B, n), two passes in double;
- * writes them as float into mean/invstd and the affine form of BN with weight gamma and bias beta (NULL: 0) into
- * alpha, shift: BN(v) = v * alpha + shift, as torch's CPU batch norm applies it. */
-VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t n, double eps, const float *gamma, const float *beta,
-                        double *s, double *q, float *mean, float *invstd, float *alpha, float *shift) {
+/* Batch mean and inverse standard deviation (biased variance) of n columns of x (B rows, row stride ld), two passes
+ * in double; writes them as float into mean/invstd and the affine form of BN with weight gamma and bias beta (NULL: 0)
+ * into alpha, shift: BN(v) = v * alpha + shift, as torch's CPU batch norm applies it. */
+VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t ld, int64_t n, double eps,
+                                      const float *gamma, const float *beta, double *s, double *q, float *mean,
+                                      float *invstd, float *alpha, float *shift) {
     for (int64_t j = 0; j < n; ++j) s[j] = 0.0;
     for (int64_t b = 0; b < B; ++b) {
-        const float *row = x + b * n;
+        const float *row = x + b * ld;
         for (int64_t j = 0; j < n; ++j) s[j] += (double)row[j];
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -170,7 +177,7 @@ VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t n, doub
         q[j] = 0.0;
     }
     for (int64_t b = 0; b < B; ++b) {
-        const float *row = x + b * n;
+        const float *row = x + b * ld;
         for (int64_t j = 0; j < n; ++j) {
             double d = (double)row[j] - s[j];
             q[j] += d * d;
@@ -187,17 +194,18 @@ VECTOR_CLONES static void batch_stats(const float *x, int64_t B, int64_t n, doub
     }
 }
 
-/* Row kernels: one sequence's H cells; restrict-qualified so that the compiler vectorizes them without alias checks.
- * Gate columns: [0, H) i, [H, 2H) f, [2H, 3H) g, [3H, 4H) o. */
+/* Row kernels: n cells of one sequence; restrict-qualified so that the compiler vectorizes them without alias checks.
+ * Gate columns are H apart: [0, H) i, [H, 2H) f, [2H, 3H) g, [3H, 4H) o (the pointers are at the block's first). */
 /* x_k = (x * ax + sx) + bias: the input term (ax = 1, sx = bias = 0 leave x as it is, exactly) */
 #define INPUT_TERM(k) ((x[k] * ax[k] + sx[k]) + bias[k])
 
-VECTOR_CLONES static void forward_gates_row(int64_t H, const float *restrict w, const float *restrict x,
-                              const float *restrict alpha, const float *restrict shift, const float *restrict ax,
-                              const float *restrict sx, const float *restrict bias, const float *restrict cp,
-                              float *restrict c, float *restrict ai, float *restrict af, float *restrict ag,
-                              float *restrict ao) {
-    for (int64_t j = 0; j < H; ++j) {
+VECTOR_CLONES static void forward_gates_row(int64_t H, int64_t n, const float *restrict w, const float *restrict x,
+                                            const float *restrict alpha, const float *restrict shift,
+                                            const float *restrict ax, const float *restrict sx,
+                                            const float *restrict bias, const float *restrict cp, float *restrict c,
+                                            float *restrict ai, float *restrict af, float *restrict ag,
+                                            float *restrict ao) {
+    for (int64_t j = 0; j < n; ++j) {
         float i = sigmoid_((w[j] * alpha[j] + shift[j]) + INPUT_TERM(j));
         float f = sigmoid_((w[H + j] * alpha[H + j] + shift[H + j]) + INPUT_TERM(H + j));
         float g = tanh_((w[2 * H + j] * alpha[2 * H + j] + shift[2 * H + j]) + INPUT_TERM(2 * H + j));
@@ -210,18 +218,20 @@ VECTOR_CLONES static void forward_gates_row(int64_t H, const float *restrict w, 
     }
 }
 
-VECTOR_CLONES static void forward_output_row(int64_t H, const float *restrict c, const float *restrict o,
-                               const float *restrict alpha, const float *restrict shift, float *restrict tc,
-                               float *restrict h) {
-    for (int64_t j = 0; j < H; ++j) {
+VECTOR_CLONES static void forward_output_row(int64_t n, const float *restrict c, const float *restrict o,
+                                             const float *restrict alpha, const float *restrict shift,
+                                             float *restrict tc, float *restrict h) {
+    for (int64_t j = 0; j < n; ++j) {
         float v = tanh_(c[j] * alpha[j] + shift[j]);
         tc[j] = v;
         h[j] = o[j] * v;
     }
 }
 
-void bnlstm_forward_step(const bnlstm_forward_args *a, int64_t t, const float *wh) {
-    const int64_t B = a->B, H = a->H, G = 4 * H;
+/* Columns [j0, j1) of the cells (and their four gate columns) of one forward step. */
+static void forward_block(const bnlstm_forward_args *a, int64_t t, const float *wh, int64_t j0, int64_t j1) {
+    const int64_t B = a->B, H = a->H, G = 4 * H, n = j1 - j0;
+    if (n <= 0) return;
     const float *x = a->x + t * B * G;
     const float *c_prev = t > 0 ? a->c + (t - 1) * B * H : a->c_before;
     float *h = a->h + t * B * H, *c = a->c + t * B * H;
@@ -233,26 +243,64 @@ void bnlstm_forward_step(const bnlstm_forward_args *a, int64_t t, const float *w
     float *alpha = a->fwork, *shift = a->fwork + G, *ax = a->fwork + 2 * G, *sx = a->fwork + 3 * G;
     const float *bias = a->fwork + 4 * G;
 
-    if (a->keep) memcpy(a->wh + t * B * G, wh, (size_t)(B * G) * sizeof(float));
-    if (a->input_bn) {
-        batch_stats(x, B, G, a->eps_x, a->gamma_x, NULL, s, q, a->mean_x + t * G, a->invstd_x + t * G, ax, sx);
-        bias = a->bias;
-    } else {
-        for (int64_t j = 0; j < G; ++j) {
-            ax[j] = 1.0f;
-            sx[j] = 0.0f;
-            a->fwork[4 * G + j] = 0.0f;
+    for (int64_t k = 0; k < 4; ++k) { /* the block's columns of each gate */
+        const int64_t o = k * H + j0;
+        if (a->keep) {
+            float *saved = a->wh + t * B * G;
+            for (int64_t b = 0; b < B; ++b) memcpy(saved + b * G + o, wh + b * G + o, (size_t)n * sizeof(float));
         }
+        if (a->input_bn) {
+            batch_stats(x + o, B, G, n, a->eps_x, a->gamma_x + o, NULL, s + o, q + o, a->mean_x + t * G + o,
+                        a->invstd_x + t * G + o, ax + o, sx + o);
+        } else {
+            for (int64_t j = o; j < o + n; ++j) {
+                ax[j] = 1.0f;
+                sx[j] = 0.0f;
+                a->fwork[4 * G + j] = 0.0f;
+            }
+        }
+        batch_stats(wh + o, B, G, n, a->eps, a->gamma_h + o, NULL, s + o, q + o, mean_h + o, invstd_h + o, alpha + o,
+                    shift + o);
     }
-    batch_stats(wh, B, G, a->eps, a->gamma_h, NULL, s, q, mean_h, invstd_h, alpha, shift);
+    if (a->input_bn) bias = a->bias;
     for (int64_t b = 0; b < B; ++b) {
-        float *ar = act + b * G;
-        forward_gates_row(H, wh + b * G, x + b * G, alpha, shift, ax, sx, bias, c_prev + b * H, c + b * H, ar, ar + H,
-                          ar + 2 * H, ar + 3 * H);
+        float *ar = act + b * G + j0;
+        forward_gates_row(H, n, wh + b * G + j0, x + b * G + j0, alpha + j0, shift + j0, ax + j0, sx + j0, bias + j0,
+                          c_prev + b * H + j0, c + b * H + j0, ar, ar + H, ar + 2 * H, ar + 3 * H);
     }
-    batch_stats(c, B, H, a->eps, a->gamma_c, a->beta_c, s, q, mean_c, invstd_c, alpha, shift);
+    /* the cell's statistics reuse the gate i columns of s, q, alpha, shift (done with) */
+    batch_stats(c + j0, B, H, n, a->eps, a->gamma_c + j0, a->beta_c + j0, s + j0, q + j0, mean_c + j0, invstd_c + j0,
+                alpha + j0, shift + j0);
     for (int64_t b = 0; b < B; ++b)
-        forward_output_row(H, c + b * H, act + b * G + 3 * H, alpha, shift, tc + b * H, h + b * H);
+        forward_output_row(n, c + b * H + j0, act + b * G + 3 * H + j0, alpha + j0, shift + j0, tc + b * H + j0,
+                           h + b * H + j0);
+}
+
+/* The block boundaries: k * H / blocks, rounded down to a multiple of 16 columns (whole vectors), the last at H. */
+static int64_t block_start(int64_t H, int64_t blocks, int64_t k) {
+    if (k >= blocks) return H;
+    int64_t j = (H * k / blocks) & ~(int64_t)15;
+    return j;
+}
+
+#define FOR_BLOCKS(threads, H, call)                                                    \
+    do {                                                                                \
+        int64_t blocks_ = (threads) > 1 ? (threads) : 1;                                \
+        if (blocks_ > (H) / 16) blocks_ = (H) / 16 > 1 ? (H) / 16 : 1;                  \
+        if (blocks_ == 1) {                                                             \
+            int64_t j0 = 0, j1 = (H);                                                   \
+            call;                                                                       \
+        } else {                                                                        \
+            _Pragma("omp parallel for num_threads(blocks_) schedule(static, 1)")        \
+            for (int64_t k_ = 0; k_ < blocks_; ++k_) {                                  \
+                int64_t j0 = block_start((H), blocks_, k_), j1 = block_start((H), blocks_, k_ + 1); \
+                call;                                                                   \
+            }                                                                           \
+        }                                                                               \
+    } while (0)
+
+void bnlstm_forward_step(const bnlstm_forward_args *a, int64_t t, const float *wh) {
+    FOR_BLOCKS(a->threads, a->H, forward_block(a, t, wh, j0, j1));
 }
 
 /* The input gradient of batch norm with batch statistics (aten native_batch_norm_backward, train): given the
@@ -268,11 +316,12 @@ static void bn_backward_coefficients(int64_t B, int64_t n, const double *s, cons
 }
 
 /* d o (into do_) and d BN(c) (into d) of one row from dh = dh_out + dh_next; sums of d and (c - mean_c) d. */
-VECTOR_CLONES static void backward_output_row(int64_t H, const float *restrict dh_out, const float *restrict dh_next,
-                                const float *restrict o_, const float *restrict tc, const float *restrict c,
-                                const float *restrict mean_c, float *restrict do_, float *restrict d,
-                                double *restrict s, double *restrict q) {
-    for (int64_t j = 0; j < H; ++j) {
+VECTOR_CLONES static void backward_output_row(int64_t n, const float *restrict dh_out, const float *restrict dh_next,
+                                              const float *restrict o_, const float *restrict tc,
+                                              const float *restrict c, const float *restrict mean_c,
+                                              float *restrict do_, float *restrict d, double *restrict s,
+                                              double *restrict q) {
+    for (int64_t j = 0; j < n; ++j) {
         float dh = dh_out[j] + dh_next[j];
         float o = o_[j], tv = tc[j];
         do_[j] = dh * tv * o * (1.0f - o);
@@ -284,12 +333,13 @@ VECTOR_CLONES static void backward_output_row(int64_t H, const float *restrict d
 }
 
 /* dc_t through BN(c) plus dc from step t+1 (dc, replaced by dc_{t-1} = dc_t f), and d i, d f, d g of one row. */
-VECTOR_CLONES static void backward_gates_row(int64_t H, const float *restrict d, const float *restrict c,
-                               const float *restrict mean_c, const float *restrict kk, const float *restrict gm,
-                               const float *restrict scale, const float *restrict ai, const float *restrict af,
-                               const float *restrict ag, const float *restrict cp, float *restrict dc,
-                               float *restrict di, float *restrict df, float *restrict dg) {
-    for (int64_t j = 0; j < H; ++j) {
+VECTOR_CLONES static void backward_gates_row(int64_t n, const float *restrict d, const float *restrict c,
+                                             const float *restrict mean_c, const float *restrict kk,
+                                             const float *restrict gm, const float *restrict scale,
+                                             const float *restrict ai, const float *restrict af,
+                                             const float *restrict ag, const float *restrict cp, float *restrict dc,
+                                             float *restrict di, float *restrict df, float *restrict dg) {
+    for (int64_t j = 0; j < n; ++j) {
         float dcv = (d[j] - gm[j] - (c[j] - mean_c[j]) * kk[j]) * scale[j] + dc[j];
         float i = ai[j], f = af[j], g = ag[j];
         di[j] = dcv * g * i * (1.0f - i);
@@ -299,8 +349,8 @@ VECTOR_CLONES static void backward_gates_row(int64_t H, const float *restrict d,
     }
 }
 
-VECTOR_CLONES static void column_sums_row(int64_t n, const float *restrict dy, const float *restrict x, const float *restrict mean,
-                            double *restrict s, double *restrict q) {
+VECTOR_CLONES static void column_sums_row(int64_t n, const float *restrict dy, const float *restrict x,
+                                          const float *restrict mean, double *restrict s, double *restrict q) {
     for (int64_t j = 0; j < n; ++j) {
         double v = (double)dy[j];
         s[j] += v;
@@ -309,9 +359,9 @@ VECTOR_CLONES static void column_sums_row(int64_t n, const float *restrict dy, c
 }
 
 VECTOR_CLONES static void column_sums2_row(int64_t n, const float *restrict dy, const float *restrict x,
-                                          const float *restrict mean, const float *restrict x2,
-                                          const float *restrict mean2, double *restrict s, double *restrict q,
-                                          double *restrict s2, double *restrict q2) {
+                                           const float *restrict mean, const float *restrict x2,
+                                           const float *restrict mean2, double *restrict s, double *restrict q,
+                                           double *restrict s2, double *restrict q2) {
     for (int64_t j = 0; j < n; ++j) {
         double v = (double)dy[j];
         s[j] += v;
@@ -323,11 +373,11 @@ VECTOR_CLONES static void column_sums2_row(int64_t n, const float *restrict dy, 
 
 /* Both batch-norm input gradients of dy: into dx (BN_h) and, replacing dy, into dy (BN_x). */
 VECTOR_CLONES static void bn_input_grad2_row(int64_t n, float *restrict dy, const float *restrict x,
-                                            const float *restrict mean, const float *restrict kk,
-                                            const float *restrict gm, const float *restrict scale, float *restrict dx,
-                                            const float *restrict x2, const float *restrict mean2,
-                                            const float *restrict kk2, const float *restrict gm2,
-                                            const float *restrict scale2) {
+                                             const float *restrict mean, const float *restrict kk,
+                                             const float *restrict gm, const float *restrict scale,
+                                             float *restrict dx, const float *restrict x2,
+                                             const float *restrict mean2, const float *restrict kk2,
+                                             const float *restrict gm2, const float *restrict scale2) {
     for (int64_t j = 0; j < n; ++j) {
         float d = dy[j];
         dx[j] = (d - gm[j] - (x[j] - mean[j]) * kk[j]) * scale[j];
@@ -335,15 +385,17 @@ VECTOR_CLONES static void bn_input_grad2_row(int64_t n, float *restrict dy, cons
     }
 }
 
-VECTOR_CLONES static void bn_input_grad_row(int64_t n, const float *restrict dy, const float *restrict x, const float *restrict mean,
-                              const float *restrict kk, const float *restrict gm, const float *restrict scale,
-                              float *restrict dx) {
+VECTOR_CLONES static void bn_input_grad_row(int64_t n, const float *restrict dy, const float *restrict x,
+                                            const float *restrict mean, const float *restrict kk,
+                                            const float *restrict gm, const float *restrict scale,
+                                            float *restrict dx) {
     for (int64_t j = 0; j < n; ++j) dx[j] = (dy[j] - gm[j] - (x[j] - mean[j]) * kk[j]) * scale[j];
 }
 
-/* dh_next: dL/dh_t through step t+1, (B, H) (zeros for the last step). */
-void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float *dh_next) {
-    const int64_t B = a->B, H = a->H, G = 4 * H;
+/* Columns [j0, j1) of one backward step. */
+static void backward_block(const bnlstm_backward_args *a, int64_t t, const float *dh_next, int64_t j0, int64_t j1) {
+    const int64_t B = a->B, H = a->H, G = 4 * H, n = j1 - j0;
+    if (n <= 0) return;
     const float *dh_out = a->dh_out + t * B * H;
     const float *act = a->act + t * B * G, *tc = a->tc + t * B * H, *wh = a->wh + t * B * G;
     const float *c = a->c + t * B * H;
@@ -358,57 +410,72 @@ void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float 
     const float *x = a->input_bn ? a->x + t * B * G : NULL;
     const float *mean_x = a->input_bn ? a->mean_x + t * G : NULL, *invstd_x = a->input_bn ? a->invstd_x + t * G : NULL;
 
-    /* d o, and d(tanh(BN(c))) -> d BN(c) -> dc */
-    for (int64_t j = 0; j < H; ++j) s[j] = q[j] = 0.0;
+    /* d o, and d(tanh(BN(c))) -> d BN(c) -> dc; the cell's sums in the gate i columns of s, q */
+    for (int64_t j = j0; j < j1; ++j) s[j] = q[j] = 0.0;
     for (int64_t b = 0; b < B; ++b)
-        backward_output_row(H, dh_out + b * H, dh_next + b * H, act + b * G + 3 * H, tc + b * H, c + b * H, mean_c,
-                            dpre + b * G + 3 * H, dco + b * H, s, q);
-    for (int64_t j = 0; j < H; ++j) {
+        backward_output_row(n, dh_out + b * H + j0, dh_next + b * H + j0, act + b * G + 3 * H + j0, tc + b * H + j0,
+                            c + b * H + j0, mean_c + j0, dpre + b * G + 3 * H + j0, dco + b * H + j0, s + j0, q + j0);
+    for (int64_t j = j0; j < j1; ++j) {
         a->dgamma_c[j] += q[j] * (double)invstd_c[j];
         a->dbeta_c[j] += s[j];
+        scale[j] = invstd_c[j] * a->gamma_c[j];
     }
-    bn_backward_coefficients(B, H, s, q, invstd_c, kk, gm);
-    for (int64_t j = 0; j < H; ++j) scale[j] = invstd_c[j] * a->gamma_c[j];
-    /* d i, d f, d g, dc_{t-1}; then the sums for BN_h's backward over all 4H columns */
-    for (int64_t j = 0; j < G; ++j) s[j] = q[j] = s2[j] = q2[j] = 0.0;
+    bn_backward_coefficients(B, n, s + j0, q + j0, invstd_c + j0, kk + j0, gm + j0);
+    /* d i, d f, d g, dc_{t-1}; then the sums for BN_h's (and BN_x's) backward over the block's 4 gate columns */
     for (int64_t b = 0; b < B; ++b) {
-        const float *ar = act + b * G;
-        float *dp = dpre + b * G;
-        backward_gates_row(H, dco + b * H, c + b * H, mean_c, kk, gm, scale, ar, ar + H, ar + 2 * H, c_prev + b * H,
-                           dc + b * H, dp, dp + H, dp + 2 * H);
-        if (x)
-            column_sums2_row(G, dp, wh + b * G, mean_h, x + b * G, mean_x, s, q, s2, q2);
-        else
-            column_sums_row(G, dp, wh + b * G, mean_h, s, q);
+        const float *ar = act + b * G + j0;
+        float *dp = dpre + b * G + j0;
+        backward_gates_row(n, dco + b * H + j0, c + b * H + j0, mean_c + j0, kk + j0, gm + j0, scale + j0, ar, ar + H,
+                           ar + 2 * H, c_prev + b * H + j0, dc + b * H + j0, dp, dp + H, dp + 2 * H);
     }
-    for (int64_t j = 0; j < G; ++j) a->dgamma_h[j] += q[j] * (double)invstd_h[j];
-    bn_backward_coefficients(B, G, s, q, invstd_h, kk, gm);
-    for (int64_t j = 0; j < G; ++j) scale[j] = invstd_h[j] * a->gamma_h[j];
-    if (!x) { /* d(W_h h_{t-1}) through BN_h */
-        for (int64_t b = 0; b < B; ++b)
-            bn_input_grad_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G);
-        return;
+    for (int64_t k = 0; k < 4; ++k) {
+        const int64_t o = k * H + j0;
+        for (int64_t j = o; j < o + n; ++j) s[j] = q[j] = s2[j] = q2[j] = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+            if (x)
+                column_sums2_row(n, dpre + b * G + o, wh + b * G + o, mean_h + o, x + b * G + o, mean_x + o, s + o,
+                                 q + o, s2 + o, q2 + o);
+            else
+                column_sums_row(n, dpre + b * G + o, wh + b * G + o, mean_h + o, s + o, q + o);
+        }
+        for (int64_t j = o; j < o + n; ++j) {
+            a->dgamma_h[j] += q[j] * (double)invstd_h[j];
+            scale[j] = invstd_h[j] * a->gamma_h[j];
+        }
+        bn_backward_coefficients(B, n, s + o, q + o, invstd_h + o, kk + o, gm + o);
+        if (x) {
+            for (int64_t j = o; j < o + n; ++j) {
+                a->dgamma_x[j] += q2[j] * (double)invstd_x[j];
+                a->dbias[j] += s2[j];
+                scale2[j] = invstd_x[j] * a->gamma_x[j];
+            }
+            bn_backward_coefficients(B, n, s2 + o, q2 + o, invstd_x + o, kk2 + o, gm2 + o);
+        }
+        /* d(W_h h_{t-1}) through BN_h (and d(W_x x_t) through BN_x, replacing d pre) */
+        for (int64_t b = 0; b < B; ++b) {
+            float *dp = dpre + b * G + o;
+            if (x)
+                bn_input_grad2_row(n, dp, wh + b * G + o, mean_h + o, kk + o, gm + o, scale + o, dwh + b * G + o,
+                                   x + b * G + o, mean_x + o, kk2 + o, gm2 + o, scale2 + o);
+            else
+                bn_input_grad_row(n, dp, wh + b * G + o, mean_h + o, kk + o, gm + o, scale + o, dwh + b * G + o);
+        }
     }
-    /* and d(W_x x_t) through BN_x, replacing d pre */
-    for (int64_t j = 0; j < G; ++j) {
-        a->dgamma_x[j] += q2[j] * (double)invstd_x[j];
-        a->dbias[j] += s2[j];
-    }
-    bn_backward_coefficients(B, G, s2, q2, invstd_x, kk2, gm2);
-    for (int64_t j = 0; j < G; ++j) scale2[j] = invstd_x[j] * a->gamma_x[j];
-    for (int64_t b = 0; b < B; ++b)
-        bn_input_grad2_row(G, dpre + b * G, wh + b * G, mean_h, kk, gm, scale, dwh + b * G, x + b * G, mean_x, kk2,
-                           gm2, scale2);
+}
+
+/* dh_next: dL/dh_t through step t+1, (B, H) (zeros for the last step). */
+void bnlstm_backward_step(const bnlstm_backward_args *a, int64_t t, const float *dh_next) {
+    FOR_BLOCKS(a->threads, a->H, backward_block(a, t, dh_next, j0, j1));
 }
 
 /* the pre-activation of column k: (shift_x + x * scale_x) + wh * scale_h, as the eager path's two addcmul */
 #define POPULATION_PRE(k) ((bx[k] + x[k] * ax[k]) + w[k] * sh[k])
 
-VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, const float *restrict x,
+VECTOR_CLONES static void population_row(int64_t H, int64_t n, const float *restrict w, const float *restrict x,
                                          const float *restrict ax, const float *restrict bx,
                                          const float *restrict sh, const float *restrict sc,
                                          const float *restrict bc, float *restrict c, float *restrict h) {
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
         float i = sigmoid_(POPULATION_PRE(j));
         float f = sigmoid_(POPULATION_PRE(H + j));
         float g = tanh_(POPULATION_PRE(2 * H + j));
@@ -419,11 +486,18 @@ VECTOR_CLONES static void population_row(int64_t H, const float *restrict w, con
     }
 }
 
-void bnlstm_population_step(const bnlstm_population_args *a, int64_t t, const float *wh) {
+static void population_block(const bnlstm_population_args *a, int64_t t, const float *wh, int64_t j0, int64_t j1) {
     const int64_t B = a->B, H = a->H, G = 4 * H;
     const float *x = a->x + t * B * G, *sh = a->scale_h + t * G;
     const float *ax = a->scale_x + t * G, *bx = a->shift_x + t * G;
     const float *sc = a->scale_c + t * H, *bc = a->shift_c + t * H;
     float *h = a->h + t * B * H;
-    for (int64_t b = 0; b < B; ++b) population_row(H, wh + b * G, x + b * G, ax, bx, sh, sc, bc, a->c + b * H, h + b * H);
+    if (j1 <= j0) return;
+    for (int64_t b = 0; b < B; ++b)
+        population_row(H, j1 - j0, wh + b * G + j0, x + b * G + j0, ax + j0, bx + j0, sh + j0, sc + j0, bc + j0,
+                       a->c + b * H + j0, h + b * H + j0);
+}
+
+void bnlstm_population_step(const bnlstm_population_args *a, int64_t t, const float *wh) {
+    FOR_BLOCKS(a->threads, a->H, population_block(a, t, wh, j0, j1));
 }

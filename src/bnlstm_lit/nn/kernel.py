@@ -18,8 +18,12 @@ into place, so concurrent processes (DDP) are safe and later processes load it w
 the first time). ``BNLSTM_LIT_KERNEL=0`` (or ``false``/``off``/``no``) turns the kernel off: nothing is built and the
 eager fused path runs. Without a working compiler the eager path runs too, with one warning per process.
 
-The kernel runs on one thread (torch's threads do the matmuls); on x86-64 Linux its loops are compiled for AVX2 and
-for the baseline, chosen at load time, with bit-identical results.
+Each step's columns (a cell and its four gate columns) are independent, so a step of at least ``PARALLEL_MIN``
+elements splits into blocks of columns run on torch's intra-op threads (``torch.get_num_threads()``): the library
+is built with OpenMP where the compiler has it and its ``libgomp.so.1`` resolves to the copy torch has loaded, so
+torch's matmuls and the kernel share one thread pool. The results do not depend on the number of threads (no sum
+crosses blocks; tested bit for bit). On x86-64 Linux the loops are compiled for AVX2 and for the baseline, chosen at
+load time, again with bit-identical results.
 
 Numerics: batch sums in double, in row order (deterministic, as torch's CPU batch norm); exp, sigmoid and tanh
 through branch-free float approximations accurate to about one unit in the last place (as torch's vectorized CPU
@@ -54,6 +58,12 @@ __all__ = [
 SOURCE = Path(__file__).with_name("bnlstm_kernel.c")
 #: Portable flags: no -march (the cache may be shared by machines), no -ffast-math (the results must match torch's).
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+#: Tried first: the step's column blocks on torch's OpenMP threads (the library then needs ``libgomp.so.1``, which
+#: resolves to the copy torch has loaded, so the kernel and torch's matmuls share one thread pool). Where the compiler
+#: has no OpenMP, or the library does not load, the kernel is built without it (one thread).
+OPENMP_FLAGS = ["-fopenmp"]
+#: Steps with fewer elements (B * 4H) run on one thread: below this, waking threads costs more than it saves.
+PARALLEL_MIN = 32768
 ENV_SWITCH = "BNLSTM_LIT_KERNEL"
 ENV_CACHE = "BNLSTM_LIT_CACHE_DIR"
 _OFF = {"0", "false", "off", "no"}
@@ -70,7 +80,7 @@ def _pointers(names: str) -> list[tuple[str, Any]]:
     return [(name, _p) for name in names.split()]
 
 
-_SIZES: list[tuple[str, Any]] = [("B", ctypes.c_int64), ("H", ctypes.c_int64)]
+_SIZES: list[tuple[str, Any]] = [("B", ctypes.c_int64), ("H", ctypes.c_int64), ("threads", ctypes.c_int64)]
 
 
 class _ForwardArgs(ctypes.Structure):
@@ -118,17 +128,23 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
-def library_path() -> Path:
-    """The cached library for the current source, compiler, flags and platform."""
+def _variants() -> list[list[str]]:
+    """The flag sets to try, in order."""
+    return [FLAGS + OPENMP_FLAGS, FLAGS]
+
+
+def library_path(flags: list[str] | None = None) -> Path:
+    """The cached library for the current source, compiler, flags (default: the first variant) and platform."""
+    flags = _variants()[0] if flags is None else flags
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(FLAGS).encode()):
+    for part in (SOURCE.read_bytes(), _compiler().encode(), " ".join(flags).encode()):
         key.update(part)
         key.update(b"\0")
     key.update(f"{platform.system()}-{platform.machine()}".encode())
     return cache_dir() / f"bnlstm_kernel-{key.hexdigest()[:16]}.so"
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, flags: list[str]) -> None:
     """Compile SOURCE into target atomically (a temporary file in the same folder, renamed into place)."""
     compiler = shutil.which(_compiler())
     if compiler is None:
@@ -138,7 +154,7 @@ def _compile(target: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300, check=False
+            [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[:500]}")
@@ -170,17 +186,23 @@ def library() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]
     lib = None
-    try:
-        path = library_path()
-        if not path.exists():
-            _compile(path)
-        lib = _load(path)
-    except Exception as error:  # no compiler, a failed build, an unwritable cache: the eager path computes the same
+    errors = []
+    for flags in _variants():
+        try:
+            path = library_path(flags)
+            if not path.exists():
+                _compile(path, flags)
+            lib = _load(path)
+            break
+        except Exception as error:  # no compiler, a failed build, an unwritable cache: try the next, then eager
+            errors.append(error)
+    if lib is None and errors:
+        last = errors[-1]
         if not _state.get("warned"):
             _state["warned"] = True
             warnings.warn(
-                f"bnlstm_lit: the native BN-LSTM kernel could not be built or loaded ({type(error).__name__}: "
-                f"{str(error)[:300]}); running the eager fused path (set {ENV_SWITCH}=0 to silence this)",
+                f"bnlstm_lit: the native BN-LSTM kernel could not be built or loaded ({type(last).__name__}: "
+                f"{str(last)[:300]}); running the eager fused path (set {ENV_SWITCH}=0 to silence this)",
                 stacklevel=3,
             )
     _state["lib"] = lib
@@ -199,8 +221,9 @@ def usable(*tensors: Tensor) -> bool:
     return library() is not None
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _threads(elements: int) -> int:
+    """Threads for a step of that many elements: torch's intra-op threads, or one for small steps."""
+    return torch.get_num_threads() if elements >= PARALLEL_MIN else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +301,7 @@ class _KernelRecurrence(torch.autograd.Function):
         work, fwork = x_in.new_empty(2 * G, dtype=torch.float64), new(5 * G)
         # without a backward, act and tc are one step's scratch and wh is not written
         act, tc = (None, None) if save else (new(1, B, G), new(1, B, H))
-        args = _ForwardArgs(B, H, int(save), int(input_bn), float(eps), float(eps_x))
+        args = _ForwardArgs(B, H, _threads(B * G), int(save), int(input_bn), float(eps), float(eps_x))
         fixed = {"gamma_h": gamma_h, "gamma_c": gamma_c, "beta_c": beta_c, "work": work, "fwork": fwork}
         if input_bn:
             assert gamma_x is not None and bias is not None
@@ -350,7 +373,7 @@ class _KernelRecurrence(torch.autograd.Function):
         dgamma_h, dgamma_x, dbias = (h_all.new_zeros(G, dtype=torch.float64) for _ in range(3))
         dgamma_c, dbeta_c = h_all.new_zeros(H, dtype=torch.float64), h_all.new_zeros(H, dtype=torch.float64)
         work, fwork, scratch = h_all.new_empty(4 * G, dtype=torch.float64), new(6 * G), new(B, H)
-        args = _BackwardArgs(B, H, int(ctx.input_bn), float(ctx.eps))
+        args = _BackwardArgs(B, H, _threads(B * G), int(ctx.input_bn), float(ctx.eps))
         fixed = {"gamma_h": gamma_h, "gamma_c": gamma_c, "dc": dc, "dgamma_h": dgamma_h, "dgamma_c": dgamma_c}
         fixed.update(dbeta_c=dbeta_c, work=work, fwork=fwork, scratch=scratch)
         per_step = {"dh_out": dh_out, "dpre": dpre, "mean_h": mean_h, "invstd_h": invstd_h, "mean_c": mean_c}
@@ -459,7 +482,7 @@ def population_kernel_recurrence(
     tensors = [t.contiguous() for t in (wx, scale_x, shift_x, scale_h, scale_c, shift_c)]
     h_all = wx.new_empty(T, B, H)
     c = c0.contiguous().clone()  # carried in place
-    args = _PopulationArgs(B, H, *(t.data_ptr() for t in (*tensors, h_all, c)))
+    args = _PopulationArgs(B, H, _threads(B * G), *(t.data_ptr() for t in (*tensors, h_all, c)))
     step, ref, matmul = lib.bnlstm_population_step, ctypes.addressof(args), _step_matmul(weight_hh, B)
     h = h0.contiguous()
     for t, h_next in enumerate(h_all.unbind(0)):
