@@ -289,11 +289,7 @@ class _BNLSTMRecurrence(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_h_all: Tensor | None, grad_c_last: Tensor | None, *unused: Any
     ) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
-                "Hessian-vector products); use BNLSTM(fused=False) for that"
-            )
+        _kernel.refuse_double_backward()
         saved = ctx.saved_tensors
         h0, c0, weight_hh, gamma_h, gamma_c, beta_c, h_all, mean_h, invstd_h, mean_c, invstd_c = saved[:11]
         n = ctx.chunks

@@ -221,6 +221,15 @@ def usable(*tensors: Tensor) -> bool:
     return library() is not None
 
 
+def refuse_double_backward() -> None:
+    """The hand-written backwards (here and in :mod:`bnlstm_lit.nn.fused`) are not differentiable themselves."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
+            "Hessian-vector products); use BNLSTM(fused=False) for that"
+        )
+
+
 def _threads(elements: int) -> int:
     """Threads for a step of that many elements: torch's intra-op threads, or one for small steps."""
     return torch.get_num_threads() if elements >= PARALLEL_MIN else 1
@@ -352,11 +361,7 @@ class _KernelRecurrence(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_h_all: Tensor | None, grad_c_last: Tensor | None, *unused: Any
     ) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused BN-LSTM recurrence cannot be differentiated twice (create_graph=True: gradient penalties, "
-                "Hessian-vector products); use BNLSTM(fused=False) for that"
-            )
+        refuse_double_backward()
         lib = library()
         assert lib is not None
         saved = ctx.saved_tensors
