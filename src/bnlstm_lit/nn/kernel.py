@@ -247,15 +247,21 @@ def _linear_fn() -> Any:
     return _linear
 
 
-def _step_matmul(weight: Tensor, batch: int) -> Any:
+#: Sequences of fewer steps keep the weight in the plain layout: the reorder costs about as much as some tens of small
+#: step matmuls (measured ~100 us at B=32, H=64), more than its gain over a few steps (the runs of a masked batch).
+PACK_MIN_STEPS = 16
+
+
+def _step_matmul(weight: Tensor, batch: int, steps: int) -> Any:
     """x -> x @ weight.T for the (batch, ·) x of every step: oneDNN's matmul with the weight reordered once into its
     blocked layout for this batch size (measured: 15-20% faster per step at the PTB shape than the plain layout,
-    bit-identical), where the build has the private ops; else bnlstm_lit.nn.fused._linear."""
+    bit-identical), where the build has the private ops and there are at least ``PACK_MIN_STEPS`` steps; else
+    bnlstm_lit.nn.fused._linear."""
     linear = _linear_fn()
     ops = getattr(torch.ops, "mkldnn", None)
     op = getattr(ops, "_linear_pointwise", None)
     reorder = getattr(ops, "_reorder_linear_weight", None)
-    if op is None or reorder is None or _state.get("no_packing"):
+    if op is None or reorder is None or _state.get("no_packing") or steps < PACK_MIN_STEPS:
         return lambda x: linear(x, weight)
     try:
         packed = reorder(weight.detach(), batch)
@@ -322,7 +328,7 @@ class _KernelRecurrence(torch.autograd.Function):
         per_step["invstd_c"] = invstd_c
         if input_bn:
             per_step.update(mean_x=mean_x, invstd_x=invstd_x)
-        step, ref, matmul = lib.bnlstm_forward_step, ctypes.addressof(args), _step_matmul(weight_hh, B)
+        step, ref, matmul = lib.bnlstm_forward_step, ctypes.addressof(args), _step_matmul(weight_hh, B, T)
         cs, whs, acts, tcs = [], [], [], []
         h, c_before = h0.contiguous(), c0
         for start in range(0, T, CHUNK):
@@ -390,7 +396,7 @@ class _KernelRecurrence(torch.autograd.Function):
         for name, t in fixed.items():
             setattr(args, name, t.data_ptr())
         step, ref, linear = lib.bnlstm_backward_step, ctypes.addressof(args), _linear_fn()
-        matmul = _step_matmul(weight_hh.t().contiguous(), B)  # dh = dwh @ W_h
+        matmul = _step_matmul(weight_hh.t().contiguous(), B, T)  # dh = dwh @ W_h
         needs = ctx.needs_input_grad
         dweight = torch.zeros_like(weight_hh) if needs[3] else None
         dh = torch.zeros_like(c0)
@@ -488,7 +494,7 @@ def population_kernel_recurrence(
     h_all = wx.new_empty(T, B, H)
     c = c0.contiguous().clone()  # carried in place
     args = _PopulationArgs(B, H, _threads(B * G), *(t.data_ptr() for t in (*tensors, h_all, c)))
-    step, ref, matmul = lib.bnlstm_population_step, ctypes.addressof(args), _step_matmul(weight_hh, B)
+    step, ref, matmul = lib.bnlstm_population_step, ctypes.addressof(args), _step_matmul(weight_hh, B, T)
     h = h0.contiguous()
     for t, h_next in enumerate(h_all.unbind(0)):
         wh = matmul(h).contiguous()  # W_h h_{t-1} (B, 4H), alive during the call
