@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -41,11 +41,14 @@ class BNLSTM(nn.Module):
         h0_noise_std: std of Gaussian noise added to the learned h_0 in training (0.1 for unpermuted sequential
             MNIST, whose first ~100 constant inputs otherwise give zero batch variance); 0 disables it.
         dropout: dropout on the outputs of every layer but the last, as torch.nn.LSTM.
-        fused: use the fast paths where they apply (:mod:`bnlstm_lit.nn.fused`): in training without ``lengths``,
-            the BN-LSTM recurrence as one autograd Function with a hand-written backward; in evaluation with
-            population statistics, each BN site folded into a per-step scale and shift; the plain LSTM
-            (``normalize=False``) through torch's fused LSTM kernel without ``lengths``. False always runs the
-            reference loop (the two agree to float rounding; tested).
+        fused: use the fast paths where they apply (:mod:`bnlstm_lit.nn.fused`): in training, the BN-LSTM
+            recurrence as one autograd Function with a hand-written backward; in evaluation with population
+            statistics, each BN site folded into a per-step scale and shift; the plain LSTM (``normalize=False``)
+            through torch's fused LSTM kernel without ``lengths``. With ``lengths`` the BN-LSTM's fast paths run on
+            the batch sorted by length, each run of steps with the same number of real sequences on those rows only
+            (as packed sequences; a step with one real sequence normalized with population statistics, the rule of
+            :mod:`~bnlstm_lit.nn.batchnorm`), except with ``compile_steps`` or ``sync_statistics``. False always runs
+            the reference loop (the two agree to float rounding; tested).
         compile_steps: in the fused BN-LSTM training path, run each chunk of steps through ``torch.compile``d code
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
@@ -235,7 +238,8 @@ class BNLSTM(nn.Module):
                     self.hidden_probes.append(probe)
                     out, (h, c) = self._run_layer(cell, x_in, state_in, mask_in, start_step, probe)  # type: ignore[arg-type]
                 else:
-                    fast = self.fused and mask is None and cell.fast_paths
+                    # with lengths: the BN-LSTM's fast paths run the batch sorted by length (_PackedSteps)
+                    fast = self.fused and cell.fast_paths and (mask is None or cell.normalize)
                     run = self._run_layer_fused if fast else self._run_layer
                     out, (h, c) = run(cell, x_in, state_in, mask_in, start_step)  # type: ignore[arg-type]
                 outputs.append(out if direction == 0 else _gather_time(out, reverse))  # back in input order
@@ -257,25 +261,38 @@ class BNLSTM(nn.Module):
         return [p.grad.detach().norm(dim=-1).mean(dim=1) for p in self.hidden_probes]  # type: ignore[union-attr]
 
     def _run_layer_fused(
-        self, cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: None, start: int = 0
+        self, cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start: int = 0
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The fast paths of :mod:`bnlstm_lit.nn.fused` where they apply, else the reference loop."""
+        """The fast paths of :mod:`bnlstm_lit.nn.fused` where they apply, else the reference loop.
+
+        With a mask (``lengths``) the BN-LSTM runs as :class:`_PackedSteps`: the batch sorted by length, each run of
+        steps with the same number of real sequences through the unmasked fast paths on those rows only. The
+        reference loop runs instead with ``compile_steps`` (a compiled function per run shape would recompile for
+        every batch) and with ``sync_statistics`` (as without a mask)."""
         if not cell.normalize:
+            assert mask is None  # the plain LSTM with lengths runs the reference loop (forward)
             return plain_lstm(x, state, cell.weight_ih, cell.weight_hh, cell.bias)
         bn_h, bn_c = cell.bn_h, cell.bn_c
         assert bn_h is not None and bn_c is not None and bn_h.weight is not None and bn_c.weight is not None
         if bn_c.bias is None or bn_h.eps != bn_c.eps:
             return self._run_layer(cell, x, state, mask, start)
+        packed = None
+        if mask is not None:
+            packed = None if self.compile_steps else _PackedSteps.of(mask)
+            if packed is None:
+                return self._run_layer(cell, x, state, mask, start)
         if not (cell.training or bn_h.training or bn_c.training):
             if bn_h.eval_statistics != "population" or bn_c.eval_statistics != "population":
                 return self._run_layer(cell, x, state, mask, start)  # batch statistics in evaluation
-            return self._run_layer_population(cell, x, state, start, self.native_kernel)
+            return self._run_layer_population(cell, x, state, start, self.native_kernel, packed)
         if not (cell.training and bn_h.training and bn_c.training):
             return self._run_layer(cell, x, state, mask, start)  # sites in mixed modes
         if bn_h.syncing() or bn_c.syncing():
             return self._run_layer(cell, x, state, mask, start)  # statistics all-reduced over processes
         T, B, _ = x.shape
         bn_h.check_batch_statistics(start, T, B)
+        if packed is not None:
+            return self._run_layer_packed(cell, x, state, mask, start, packed)
         bn_x = cell.bn_x
         if self._kernel_input_norm(cell, x):  # the input term's batch norm inside the kernel's steps
             assert bn_x is not None and bn_x.weight is not None
@@ -309,11 +326,52 @@ class BNLSTM(nn.Module):
             return False
         return native.usable(x, cell.weight_ih, cell.weight_hh, cell.bias, bn_x.weight)
 
+    def _run_layer_packed(
+        self,
+        cell: BNLSTMCell,
+        x: Tensor,
+        state: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        start: int,
+        packed: _PackedSteps,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Training with a mask: the input term with masked statistics (as the reference loop computes it, the rule
+        for steps with fewer than two real sequences and ``input_statistics="sequence"`` included), then each run of
+        steps with n >= 2 real sequences through :func:`fused_recurrence` on those n rows (their batch statistics
+        are the masked statistics of the step), and steps with one real sequence with population statistics, as
+        :class:`SequenceBatchNorm` does, without updating them."""
+        bn_h, bn_c = cell.bn_h, cell.bn_c
+        assert bn_h is not None and bn_c is not None and bn_c.weight is not None and bn_c.bias is not None
+        assert bn_h.weight is not None
+        gamma_h, gamma_c, beta_c = bn_h.weight, bn_c.weight, bn_c.bias
+        with deferred_statistics_updates(cell):
+            x_terms = packed.pieces(cell.input_term(x, mask, start))  # (K, B, 4H) per run, sorted
+
+            def run(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                x_n = x_terms[index][:, :n]
+                if n < 2:  # too few real sequences for batch statistics: population statistics (batchnorm.py)
+                    return _population_statistics_steps(cell, x_n, (h, c), start + t0)
+                outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
+                    x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, bn_h.eps, False,
+                    self.native_kernel,
+                )  # fmt: skip
+                bn_h._update_running_stats(start + t0, mean_h, var_h, None)
+                bn_c._update_running_stats(start + t0, mean_c, var_c, None)
+                return outputs, final
+
+            return packed.run(run, state)
+
     @staticmethod
     def _run_layer_population(
-        cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], start: int, kernel: bool = True
+        cell: BNLSTMCell,
+        x: Tensor,
+        state: tuple[Tensor, Tensor],
+        start: int,
+        kernel: bool = True,
+        packed: _PackedSteps | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Evaluation with population statistics, each BN site folded into a per-step scale and shift."""
+        """Evaluation with population statistics, each BN site folded into a per-step scale and shift; with
+        ``packed`` (a mask), each run of steps on its real rows of the batch sorted by length."""
         bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
         assert bn_x is not None and bn_h is not None and bn_c is not None
         T = x.shape[0]
@@ -336,12 +394,34 @@ class BNLSTM(nn.Module):
         if kernel and not grad and not torch.is_autocast_enabled(x.device.type) and native.usable(*tensors):
             # the input term folded into the kernel's steps too: no (T, B, 4H) pass besides the matmul
             shift = shift_x + shift_h + cell.bias
-            return native.population_kernel_recurrence(
-                x @ cell.weight_ih.t(), *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c
-            )
+            wx = x @ cell.weight_ih.t()
+            if packed is None:
+                return native.population_kernel_recurrence(
+                    wx, *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c
+                )
+            wxs = packed.pieces(wx)
+
+            def run_kernel(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                steps = slice(t0, t0 + wxs[index].shape[0])
+                return native.population_kernel_recurrence(
+                    wxs[index][:, :n], h, c, cell.weight_hh, scale_x[steps], shift[steps], scale_h[steps],
+                    scale_c[steps], shift_c[steps],
+                )  # fmt: skip
+
+            return packed.run(run_kernel, state)
         # BN_t(W_x x_t) + b + (the recurrent term's shift): one matmul and one fused pass over (T, B, 4H)
         x_terms = torch.addcmul((shift_x + shift_h + cell.bias)[:, None], x @ cell.weight_ih.t(), scale_x[:, None])
-        return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c, kernel)
+        if packed is None:
+            return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c, kernel)
+        pieces = packed.pieces(x_terms)
+
+        def run(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            steps = slice(t0, t0 + pieces[index].shape[0])
+            return population_recurrence(
+                pieces[index][:, :n], (h, c), cell.weight_hh, scale_h[steps], scale_c[steps], shift_c[steps], kernel
+            )
+
+        return packed.run(run, state)
 
     @staticmethod
     def _run_layer(
@@ -423,6 +503,89 @@ class BNLSTM(nn.Module):
             lo, hi = int(lengths.min()), int(lengths.max())
             raise ValueError(f"every length must be in [1, T={T}], got lengths from {lo} to {hi}")
         return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]  # (T, B)
+
+
+class _PackedSteps:
+    """A masked batch as packed sequences: sorted by length (longest first), the real sequences of every step are a
+    prefix of the sorted batch -- for the forward direction and for both reversals of the backward direction (with
+    ``backward_reversal="padded"`` the padding comes first, so the prefix grows instead of shrinking). The steps then
+    run in runs of consecutive steps with the same number n of real sequences, each on the first n sorted rows: the
+    unmasked fast paths apply to a run as they are (a step's batch statistics over its n rows are the masked
+    statistics over the real positions), padded rows keep their state, and padded outputs are zero.
+
+    Attributes: order (B,), the batch sorted by length; inverse (B,), its inverse permutation; runs, (t0, t1, n) for
+    each run of steps t0 ... t1-1 with n real sequences.
+    """
+
+    def __init__(self, order: Tensor, inverse: Tensor, runs: list[tuple[int, int, int]]) -> None:
+        self.order = order
+        self.inverse = inverse
+        self.runs = runs
+
+    @classmethod
+    def of(cls, mask: Tensor) -> _PackedSteps | None:
+        """The runs of a (T, B) mask; None if some step's real positions are not a prefix of the sorted batch."""
+        T, B = mask.shape
+        order = torch.argsort(mask.sum(0), descending=True, stable=True)
+        sorted_mask = mask[:, order]
+        counts = sorted_mask.sum(1)  # (T,)
+        if not torch.equal(sorted_mask, torch.arange(B, device=mask.device)[None, :] < counts[:, None]):
+            return None
+        n = counts.tolist()
+        runs: list[tuple[int, int, int]] = []
+        t0 = 0
+        for t in range(1, T + 1):
+            if t == T or n[t] != n[t0]:
+                runs.append((t0, t, n[t0]))
+                t0 = t
+        return cls(order, torch.argsort(order), runs)
+
+    def pieces(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (T, B, C) with its batch sorted, split into the runs' steps: (t1 - t0, B, C) each (split, not one
+        slice per run: the backward is one concatenation, not a zero-filled (T, B, C) gradient per run)."""
+        return x.index_select(1, self.order).split([t1 - t0 for t0, t1, _ in self.runs])
+
+    def run(
+        self, step: Callable[[int, int, int, Tensor, Tensor], tuple[Tensor, tuple[Tensor, Tensor]]],
+        state: tuple[Tensor, Tensor],
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
+        """Run every run of steps: ``step(index, t0, n, h, c)`` with the (n, H) states of the first n sorted rows
+        returns that run's outputs (t1 - t0, n, H) and final state; runs without a real sequence are skipped. Returns
+        the outputs (T, B, H), zero at padded positions, and the final state, both in the input's batch order."""
+        h, c = (s.index_select(0, self.order) for s in state)
+        B, H = h.shape
+        outputs = []
+        for index, (t0, t1, n) in enumerate(self.runs):
+            if n == 0:
+                outputs.append(h.new_zeros(t1 - t0, B, H))
+                continue
+            out, (h_n, c_n) = step(index, t0, n, h[:n], c[:n])
+            if n < B:  # the other rows keep their state and output zeros
+                out = torch.cat([out, out.new_zeros(t1 - t0, B - n, H)], dim=1)
+                h_n, c_n = torch.cat([h_n, h[n:].to(h_n.dtype)]), torch.cat([c_n, c[n:].to(c_n.dtype)])
+            outputs.append(out)
+            h, c = h_n, c_n
+        out = outputs[0] if len(outputs) == 1 else torch.cat([o.to(outputs[-1].dtype) for o in outputs])
+        return out.index_select(1, self.inverse), (h.index_select(0, self.inverse), c.index_select(0, self.inverse))
+
+
+def _population_statistics_steps(
+    cell: BNLSTMCell, x_terms: Tensor, state: tuple[Tensor, Tensor], t: int
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Training steps t, t+1, ... of fewer than two real sequences (x_terms (K, n, 4H), n < 2): the recurrent term and
+    the cell normalized with their population statistics (SequenceBatchNorm's rule; no update), as the reference
+    loop does, differentiable (plain torch ops)."""
+    bn_h, bn_c = cell.bn_h, cell.bn_c
+    assert bn_h is not None and bn_c is not None
+    h, c = state
+    outputs = []
+    for k, x_t in enumerate(x_terms.unbind(0)):
+        wh = bn_h._normalize_with((h @ cell.weight_hh.t())[None], *bn_h._population(t + k, 1))[0]
+        i, f, g, o = (wh + x_t).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(bn_c._normalize_with(c[None], *bn_c._population(t + k, 1))[0])
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
 
 
 def _reversal_index(mask: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
