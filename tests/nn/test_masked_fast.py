@@ -27,9 +27,10 @@ LENGTHS = [
 
 @pytest.fixture
 def calls(monkeypatch):
-    """How often the masked fast paths ran (runs of steps with batch statistics, with population statistics in
-    training, population evaluation runs) and how often the reference loop did."""
-    counts = {"fused": 0, "few": 0, "population": 0, "reference": 0}
+    """How often the masked fast paths ran (runs of steps with batch statistics: the input term up front or normalized
+    in the kernel, with population statistics in training, population evaluation runs) and how often the reference
+    loop did."""
+    counts = {"fused": 0, "input_norm": 0, "few": 0, "population": 0, "reference": 0}
 
     def counted(name, fn):
         def call(*args, **kwargs):
@@ -39,6 +40,8 @@ def calls(monkeypatch):
         return call
 
     monkeypatch.setattr(layer_module, "fused_recurrence", counted("fused", layer_module.fused_recurrence))
+    input_norm = counted("input_norm", layer_module.input_norm_recurrence)
+    monkeypatch.setattr(layer_module, "input_norm_recurrence", input_norm)
     monkeypatch.setattr(
         layer_module, "_population_statistics_steps", counted("few", layer_module._population_statistics_steps)
     )
@@ -160,36 +163,56 @@ def test_running_statistics_skip_steps_with_one_real_sequence(calls):
 
 @pytest.mark.skipif(kernel_module.library() is None, reason="the native kernel cannot be built here")
 @pytest.mark.parametrize("reversal", ["unpadded", "padded"])
-def test_masked_kernel_float32_as_accurate_as_reference(reversal, calls, monkeypatch):
+@pytest.mark.parametrize("input_statistics", ["per_step", "sequence"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("case", range(len(LENGTHS)))
+def test_masked_kernel_float32_as_accurate_as_reference(reversal, input_statistics, layers, case, calls, monkeypatch):
     """float32 through the native kernel (counted) against the float64 reference, no less accurate than the float32
-    reference loop (x4, plus 2e-5 of the tensor's scale)."""
-    kernel_calls = {"train": 0}
-    train = kernel_module.kernel_recurrence
+    reference loop (x4, plus 2e-5 of the tensor's scale), over two training steps (outputs, h_n, c_n, every gradient,
+    running statistics, counts exactly). Per-step input statistics normalize each run's input term inside the kernel
+    (the rule for one real sequence included), "sequence" keeps the input term up front."""
+    kernel_calls = {"train": 0, "input_norm": 0}
+    train, train_input_norm = kernel_module.kernel_recurrence, kernel_module.kernel_recurrence_input_norm
 
     def counted(*args):
         kernel_calls["train"] += 1
         return train(*args)
 
+    def counted_input_norm(*args):
+        kernel_calls["input_norm"] += 1
+        return train_input_norm(*args)
+
     monkeypatch.setattr(kernel_module, "kernel_recurrence", counted)
-    lengths, T = LENGTHS[0]
-    truth_model = _model(9, 2, seed=5, backward_reversal=reversal)
+    monkeypatch.setattr(kernel_module, "kernel_recurrence_input_norm", counted_input_norm)
+    lengths, T = LENGTHS[case]
+    H = 9 if layers == 2 else 6
+    kw = {"backward_reversal": reversal, "input_statistics": input_statistics}
+    truth_model = _model(H, layers, seed=5 + case, **kw)
     fast, reference = copy.deepcopy(truth_model).float(), copy.deepcopy(truth_model).float()
     reference.fused = False
     truth_model.fused = False
-    x, weights = _data(T, len(lengths), 2, 9, seed=5)
-    res = {n: _step(m, x, torch.tensor(lengths), weights, True) for n, m in [("fast", fast), ("ref", reference)]}
-    truth = _step(truth_model, x, torch.tensor(lengths), weights, True)
-    assert kernel_calls["train"] >= 4
-    for key, value in truth.items():
-        assert value is not None
-        if not value.is_floating_point():
-            assert torch.equal(res["fast"][key], value), key
-            continue
-        got, ref = res["fast"][key], res["ref"][key]
-        assert got is not None and ref is not None
-        err, err_ref = (got.double() - value).abs().max().item(), (ref.double() - value).abs().max().item()
-        scale = max(value.abs().max().item(), 1.0)
-        assert err <= 4 * err_ref + 2e-5 * scale, f"{key}: error {err:.3g}, reference error {err_ref:.3g}"
+    for step in range(2):
+        x, weights = _data(T, len(lengths), layers, H, seed=5 + 11 * step + case)
+        res = {n: _step(m, x, torch.tensor(lengths), weights, True) for n, m in [("fast", fast), ("ref", reference)]}
+        truth = _step(truth_model, x, torch.tensor(lengths), weights, True)
+        for key, value in truth.items():
+            assert value is not None
+            if not value.is_floating_point():
+                assert torch.equal(res["fast"][key], value), key
+                continue
+            got, ref = res["fast"][key], res["ref"][key]
+            assert got is not None and ref is not None
+            err, err_ref = (got.double() - value).abs().max().item(), (ref.double() - value).abs().max().item()
+            scale = max(value.abs().max().item(), 1.0)
+            assert err <= 4 * err_ref + 2e-5 * scale, f"{key}: error {err:.3g}, reference error {err_ref:.3g}"
+    one_longest = sorted(lengths)[-1] != sorted(lengths)[-2]
+    assert (calls["few"] > 0) == one_longest
+    if input_statistics == "per_step":  # every run with batch statistics normalized its input term in the kernel
+        assert kernel_calls["input_norm"] == calls["input_norm"] >= 2 * 2 * layers
+        assert kernel_calls["train"] == calls["fused"] == 0
+    else:
+        assert kernel_calls["input_norm"] == calls["input_norm"] == 0
+        assert kernel_calls["train"] == calls["fused"] >= 2 * 2 * layers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -208,7 +231,7 @@ def test_padding_invariance_on_the_fast_path(dtype, calls):
             assert out[5:].abs().max().item() == 0.0
     for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert calls["reference"] == 0 and calls["fused"] > 0
+    assert calls["reference"] == 0 and calls["fused"] + calls["input_norm"] > 0
 
 
 def test_compile_steps_and_double_backward_fall_back_or_refuse(calls):

@@ -335,26 +335,47 @@ class BNLSTM(nn.Module):
         start: int,
         packed: _PackedSteps,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Training with a mask: the input term with masked statistics (as the reference loop computes it, the rule
-        for steps with fewer than two real sequences and ``input_statistics="sequence"`` included), then each run of
-        steps with n >= 2 real sequences through :func:`fused_recurrence` on those n rows (their batch statistics
-        are the masked statistics of the step), and steps with one real sequence with population statistics, as
-        :class:`SequenceBatchNorm` does, without updating them."""
-        bn_h, bn_c = cell.bn_h, cell.bn_c
+        """Training with a mask: each run of steps with n >= 2 real sequences through the fused recurrence on those
+        n rows (their batch statistics are the masked statistics of the step), and steps with one real sequence
+        with population statistics, as :class:`SequenceBatchNorm` does, without updating them.
+
+        The input term: where the native kernel normalizes it (:meth:`_kernel_input_norm`: float32 CPU, per-step
+        input statistics), W_x x for the whole sequence up front and each run's BN_t(W_x x_t) + b inside the kernel's
+        steps (:func:`input_norm_recurrence` on the run's n rows; population statistics for steps with one real
+        sequence); else up front with masked statistics, as the reference loop computes it (the rule for steps with
+        fewer than two real sequences and ``input_statistics="sequence"`` included)."""
+        bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
         assert bn_h is not None and bn_c is not None and bn_c.weight is not None and bn_c.bias is not None
         assert bn_h.weight is not None
         gamma_h, gamma_c, beta_c = bn_h.weight, bn_c.weight, bn_c.bias
+        input_norm = self._kernel_input_norm(cell, x)
         with deferred_statistics_updates(cell):
-            x_terms = packed.pieces(cell.input_term(x, mask, start))  # (K, B, 4H) per run, sorted
+            if input_norm:  # only W_x x up front (no BN): the kernel normalizes each run's input term
+                assert bn_x is not None and bn_x.weight is not None
+                bn_x.check_batch_statistics(start, x.shape[0], x.shape[1])
+                gamma_x = bn_x.weight
+                x_terms = packed.pieces(x @ cell.weight_ih.t())  # (K, B, 4H) per run, sorted
+            else:
+                x_terms = packed.pieces(cell.input_term(x, mask, start))
 
             def run(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
                 x_n = x_terms[index][:, :n]
                 if n < 2:  # too few real sequences for batch statistics: population statistics (batchnorm.py)
+                    if input_norm:
+                        assert bn_x is not None
+                        x_n = bn_x._normalize_with(x_n, *bn_x._population(start + t0, x_n.shape[0])) + cell.bias
                     return _population_statistics_steps(cell, x_n, (h, c), start + t0)
-                outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
-                    x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, bn_h.eps, False,
-                    self.native_kernel,
-                )  # fmt: skip
+                if input_norm:
+                    assert bn_x is not None
+                    outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
+                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, gamma_x, cell.bias, bn_h.eps, bn_x.eps
+                    )
+                    bn_x._update_running_stats(start + t0, mean_x, var_x, None)
+                else:
+                    outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
+                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, bn_h.eps, False,
+                        self.native_kernel,
+                    )  # fmt: skip
                 bn_h._update_running_stats(start + t0, mean_h, var_h, None)
                 bn_c._update_running_stats(start + t0, mean_c, var_c, None)
                 return outputs, final
