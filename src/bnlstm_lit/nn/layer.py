@@ -21,8 +21,9 @@ CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tan
 class BNLSTM(nn.Module):
     """Multi-layer batch-normalized LSTM (Cooijmans et al. 2017), a drop-in for ``torch.nn.LSTM``.
 
-    Per layer, the input term BN_t(W_x x_t) + b is computed for all steps at once (one matmul and one vectorized
-    per-step normalization); the loop over t does only the recurrent matmul, its BN, the gates and BN(c_t).
+    Per layer, W_x x_t is one matmul for all steps. The reference loop then normalizes it for all steps at once (one
+    vectorized per-step reduction) and steps through the recurrent matmul, its BN, the gates and BN(c_t); the fast
+    paths (``fused``, below) do the input term's per-step BN inside the native kernel's steps where it applies.
 
     Args:
         input_size: I, features per step of the input.
