@@ -45,33 +45,6 @@ def fresh_kernel_state():
     kernel_module.reset()
 
 
-@pytest.fixture
-def count_kernel_calls(monkeypatch):
-    """How often the training recurrence (of which with the input term's batch norm inside) and the evaluation loop
-    went through the kernel."""
-    calls = {"train": 0, "input_norm": 0, "eval": 0}
-    train, evaluate = kernel_module.kernel_recurrence, kernel_module.population_kernel_recurrence
-    input_norm = kernel_module.kernel_recurrence_input_norm
-
-    def counted_train(*args):
-        calls["train"] += 1
-        return train(*args)
-
-    def counted_input_norm(*args):
-        calls["train"] += 1
-        calls["input_norm"] += 1
-        return input_norm(*args)
-
-    def counted_eval(*args):
-        calls["eval"] += 1
-        return evaluate(*args)
-
-    monkeypatch.setattr(kernel_module, "kernel_recurrence", counted_train)
-    monkeypatch.setattr(kernel_module, "kernel_recurrence_input_norm", counted_input_norm)
-    monkeypatch.setattr(kernel_module, "population_kernel_recurrence", counted_eval)
-    return calls
-
-
 def _model(I, H, L, max_steps, seed=0, **kw) -> BNLSTM:
     """A float32 BNLSTM with every parameter moved away from its init and random running statistics."""
     torch.manual_seed(seed)
