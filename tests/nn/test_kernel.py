@@ -352,3 +352,80 @@ def test_kernel_column_blocks_on_several_threads_give_identical_results(H, threa
         results.append([out, h, c, evaluated, *(p.grad for p in m.parameters()), *m.buffers()])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the input projection W_x x_t computed chunk by chunk inside the kernel's recurrence
+
+
+def _kernel_args(I, H, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = 4 * H
+    h0, c0 = torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)
+    weight_hh, weight_ih = torch.randn(G, H, generator=g) / H**0.5, torch.randn(G, I, generator=g)
+    gammas = [0.1 + 0.5 * torch.rand(n, generator=g) for n in (G, H)]
+    beta_c, gamma_x, bias = torch.randn(H, generator=g), 0.1 + 0.5 * torch.rand(G, generator=g), torch.randn(G)
+    return h0, c0, weight_hh, gammas[0], gammas[1], beta_c, gamma_x, bias, weight_ih
+
+
+@pytest.mark.parametrize(("T", "x_grad"), [(17, True), (8, False), (1, True)])
+def test_kernel_projection_equals_the_projected_input(T, x_grad):
+    """kernel_recurrence_input_norm(x, ..., weight_ih=W_x) -- W_x x_t one matmul per chunk of steps, the gradients of
+    x and W_x accumulated chunk by chunk -- equals the same recurrence given W_x x for the whole sequence, with the
+    gradients of x and W_x through autograd's matmul: outputs, statistics and every gradient (T = 17: a partial last
+    chunk; x without gradient: the first layer)."""
+    I, H, B = 3, 7, 5
+    h0, c0, weight_hh, gamma_h, gamma_c, beta_c, gamma_x, bias, weight_ih = _kernel_args(I, H, B, seed=T)
+    x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1)) * 2
+    w = torch.randn(T, B, H, generator=torch.Generator().manual_seed(2))
+    results = []
+    for project in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight_ih, weight_hh, gamma_x, bias, gamma_c)]
+        xl, wih, whh, gx, b, gc = leaves
+        xl.requires_grad_(x_grad)
+        first = xl if project else xl @ wih.t()
+        out = kernel_module.kernel_recurrence_input_norm(
+            first, h0, c0, whh, gamma_h, gc, beta_c, gx, b, 1e-5, 1e-4, wih if project else None
+        )
+        ((out[0] * w).sum() + out[1].square().sum()).backward()
+        results.append((out, [leaf.grad for leaf in leaves]))
+    (out_p, grads_p), (out_f, grads_f) = results
+    for got, want in zip(out_p, out_f, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (grads_p[0] is None) == (not x_grad)
+    for got, want in zip(grads_p, grads_f, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_paths_never_hold_a_sequence_of_projected_inputs(count_kernel_calls):
+    """No tensor of T x B x 4H elements (W_x x for the whole sequence, or its gradient) is created by a training step
+    (forward and backward) or a population-statistics evaluation through the kernel: W_x x_t exists one chunk of
+    steps at a time (at the paper's shapes a (T, B, 4H) tensor is 100-125 MB of fresh pages on every step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T, B, I, H = 40, 6, 4, 9  # 5 chunks of 8 steps
+    limit = T * B * 4 * H
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    model = _model(I, H, 2, T)
+    x = torch.randn(T, B, I)
+    with LargestOutput():
+        out, _ = model(x)
+        out.square().sum().backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    assert count_kernel_calls == {"train": 2, "input_norm": 2, "eval": 2}
+    assert 0 < LargestOutput.largest < limit, LargestOutput.largest

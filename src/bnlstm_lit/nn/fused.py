@@ -395,17 +395,19 @@ def input_norm_recurrence(
     bias: Tensor,
     eps: float,
     eps_x: float,
+    weight_ih: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
     """:func:`fused_recurrence` through the native kernel with the input term's batch norm inside the kernel's steps:
     wx = W_x x_t (T, B, 4H) instead of x_terms, each step's input term BN_t(wx_t; γ_x, ε_x) + bias with batch
-    statistics (float32 CPU, without autocast; check :func:`bnlstm_lit.nn.kernel.usable` first).
+    statistics (float32 CPU, without autocast; check :func:`bnlstm_lit.nn.kernel.usable` first). With
+    ``weight_ih`` W_x (4H, I), ``wx`` is the layer's input x (T, B, I) and the kernel computes W_x x_t chunk by chunk.
 
     Returns what :func:`fused_recurrence` returns and the input term's per-step batch statistics (mean_x, var_x),
     (T, 4H) each, detached.
     """
     h0, c0 = state
     out = _kernel.kernel_recurrence_input_norm(
-        wx, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, gamma_x, bias, eps, eps_x
+        wx, h0, c0, weight_hh, gamma_h, gamma_c, beta_c, gamma_x, bias, eps, eps_x, weight_ih
     )
     outputs, c_last, mean_h, invstd_h, mean_c, invstd_c, mean_x, invstd_x = out
     with torch.no_grad():

@@ -23,7 +23,9 @@ class BNLSTM(nn.Module):
 
     Per layer, W_x x_t is one matmul for all steps. The reference loop then normalizes it for all steps at once (one
     vectorized per-step reduction) and steps through the recurrent matmul, its BN, the gates and BN(c_t); the fast
-    paths (``fused``, below) do the input term's per-step BN inside the native kernel's steps where it applies.
+    paths (``fused``, below) do the input term's per-step BN inside the native kernel's steps where it applies, and
+    there compute W_x x_t one matmul per chunk of 8 steps (forward, and its gradients backward), so that neither
+    W_x x nor its gradient exists as a (T, B, 4H) tensor.
 
     Args:
         input_size: I, features per step of the input.
@@ -299,8 +301,8 @@ class BNLSTM(nn.Module):
             assert bn_x is not None and bn_x.weight is not None
             bn_x.check_batch_statistics(start, T, B)
             outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
-                x @ cell.weight_ih.t(), state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_x.weight,
-                cell.bias, bn_h.eps, bn_x.eps,
+                x, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_x.weight, cell.bias, bn_h.eps,
+                bn_x.eps, cell.weight_ih,
             )  # fmt: skip
             bn_x._update_running_stats(start, mean_x, var_x, None)
             bn_h._update_running_stats(start, mean_h, var_h, None)
@@ -351,11 +353,11 @@ class BNLSTM(nn.Module):
         gamma_h, gamma_c, beta_c = bn_h.weight, bn_c.weight, bn_c.bias
         input_norm = self._kernel_input_norm(cell, x)
         with deferred_statistics_updates(cell):
-            if input_norm:  # only W_x x up front (no BN): the kernel normalizes each run's input term
+            if input_norm:  # the kernel computes and normalizes each run's input term W_x x_t
                 assert bn_x is not None and bn_x.weight is not None
                 bn_x.check_batch_statistics(start, x.shape[0], x.shape[1])
                 gamma_x = bn_x.weight
-                x_terms = packed.pieces(x @ cell.weight_ih.t())  # (K, B, 4H) per run, sorted
+                x_terms = packed.pieces(x)  # (K, B, I) per run, sorted
             else:
                 x_terms = packed.pieces(cell.input_term(x, mask, start))
 
@@ -364,13 +366,15 @@ class BNLSTM(nn.Module):
                 if n < 2:  # too few real sequences for batch statistics: population statistics (batchnorm.py)
                     if input_norm:
                         assert bn_x is not None
-                        x_n = bn_x._normalize_with(x_n, *bn_x._population(start + t0, x_n.shape[0])) + cell.bias
+                        wx_n = x_n @ cell.weight_ih.t()
+                        x_n = bn_x._normalize_with(wx_n, *bn_x._population(start + t0, x_n.shape[0])) + cell.bias
                     return _population_statistics_steps(cell, x_n, (h, c), start + t0)
                 if input_norm:
                     assert bn_x is not None
                     outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
-                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, gamma_x, cell.bias, bn_h.eps, bn_x.eps
-                    )
+                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, gamma_x, cell.bias, bn_h.eps, bn_x.eps,
+                        cell.weight_ih,
+                    )  # fmt: skip
                     bn_x._update_running_stats(start + t0, mean_x, var_x, None)
                 else:
                     outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
@@ -414,20 +418,20 @@ class BNLSTM(nn.Module):
         tensors = (x, cell.weight_ih, cell.weight_hh, scale_x, scale_h, scale_c, *state)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, cell.bias, shift_x, shift_h))
         if kernel and not grad and not torch.is_autocast_enabled(x.device.type) and native.usable(*tensors):
-            # the input term folded into the kernel's steps too: no (T, B, 4H) pass besides the matmul
+            # the input term folded into the kernel's steps too, W_x x_t computed a chunk of steps at a time: no
+            # (T, B, 4H) tensor
             shift = shift_x + shift_h + cell.bias
-            wx = x @ cell.weight_ih.t()
             if packed is None:
                 return native.population_kernel_recurrence(
-                    wx, *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c
+                    x, *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c, cell.weight_ih
                 )
-            wxs = packed.pieces(wx)
+            xs = packed.pieces(x)
 
             def run_kernel(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                steps = slice(t0, t0 + wxs[index].shape[0])
+                steps = slice(t0, t0 + xs[index].shape[0])
                 return native.population_kernel_recurrence(
-                    wxs[index][:, :n], h, c, cell.weight_hh, scale_x[steps], shift[steps], scale_h[steps],
-                    scale_c[steps], shift_c[steps],
+                    xs[index][:, :n], h, c, cell.weight_hh, scale_x[steps], shift[steps], scale_h[steps],
+                    scale_c[steps], shift_c[steps], cell.weight_ih,
                 )  # fmt: skip
 
             return packed.run(run_kernel, state)
