@@ -429,3 +429,48 @@ def test_kernel_paths_never_hold_a_sequence_of_projected_inputs(count_kernel_cal
             model(x)
     assert count_kernel_calls == {"train": 2, "input_norm": 2, "eval": 2}
     assert 0 < LargestOutput.largest < limit, LargestOutput.largest
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+@pytest.mark.skipif(
+    not (os.uname().sysname == "Linux" and os.uname().machine == "x86_64"), reason="x86-64 Linux ISA variants"
+)
+def test_kernel_isa_variants_give_identical_results(tmp_path, fresh_kernel_state):
+    """The kernel's loops are compiled for AVX-512, AVX2 and the baseline and picked at load time; each variant built
+    alone (-DBNLSTM_KERNEL_NO_CLONES with -mavx512f, -mavx2, nothing) gives bit for bit what the shipped library gives:
+    training outputs, every gradient and the statistics, and evaluation (H = 37: partial vectors at every width).
+    Fails if a variant reorders a float sum or contracts a multiply-add."""
+    variants = {"baseline": []}
+    flags = _cpu_flags()
+    if "avx2" in flags:
+        variants["avx2"] = ["-mavx2"]
+    if "avx512f" in flags:
+        variants["avx512f"] = ["-mavx512f"]
+    model = _model(3, 37, 2, 10, seed=71)
+    x = torch.randn(10, 6, 3, generator=torch.Generator().manual_seed(71))
+
+    def run() -> list[torch.Tensor]:
+        m = copy.deepcopy(model)
+        out, (h, c) = m(x)
+        (out.sum() + (c**2).sum()).backward()
+        with torch.no_grad():
+            evaluated = m.eval()(x, start_step=1)[0]
+        return [out, h, c, evaluated, *(p.grad for p in m.parameters()), *m.buffers()]
+
+    shipped = kernel_module.library()
+    assert shipped is not None
+    expected = run()
+    for name, isa in variants.items():
+        path = tmp_path / f"{name}.so"
+        kernel_module._compile(path, [*kernel_module.FLAGS, "-DBNLSTM_KERNEL_NO_CLONES", *isa])
+        kernel_module._state["lib"] = kernel_module._load(path)
+        got = run()
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert torch.equal(a, b), f"{name}: result {i} differs"

@@ -27,12 +27,14 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The loops below are compiled twice on x86-64 Linux with glibc: for AVX2 and for the baseline (SSE2), chosen at load
- * time (an ifunc). Without FMA contraction (-ffp-contract=off) both give bit-identical results: no float sum is
- * reordered, only the number of columns processed at once changes. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute)
+/* The loops below are compiled three times on x86-64 Linux with glibc: for AVX-512, for AVX2 and for the baseline
+ * (SSE2), chosen at load time (an ifunc). Without FMA contraction (-ffp-contract=off) all give bit-identical results:
+ * no float sum is reordered, only the number of columns processed at once changes (tested, each variant built alone
+ * with -DBNLSTM_KERNEL_NO_CLONES and -mavx512f / -mavx2 / nothing). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && defined(__has_attribute) && \
+    !defined(BNLSTM_KERNEL_NO_CLONES)
 #if __has_attribute(target_clones)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
 #ifndef VECTOR_CLONES
