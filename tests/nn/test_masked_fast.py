@@ -235,3 +235,38 @@ def test_compile_steps_and_double_backward_fall_back_or_refuse(calls):
     out, _ = model(x, lengths=torch.tensor([4, 2, 3]))
     with pytest.raises(RuntimeError, match="differentiated twice"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
+
+
+def test_bf16_autocast_with_lengths_tracks_float32(calls):
+    """Under CPU bf16 autocast a masked training step takes the fast path too (the input term up front in bf16, the
+    recurrence in float32): its outputs and running statistics are within 2% of the float32 step's, and every
+    gradient is about as close to float32's as the reference loop's under the same autocast (bf16 gradients are
+    noisy: measured up to ~25% of the largest entry for both); the statistics stay float32."""
+    model = _model(6, 2, seed=8).float()
+    # at least 3 real sequences wherever batch statistics apply (with 2, BN's input gradient is ~0 and all rounding),
+    # one real sequence at the last step (population statistics)
+    lengths = torch.tensor([8, 7, 5, 1, 7])
+    x, weights = _data(8, 5, 2, 6, seed=8)
+    reference = copy.deepcopy(model)
+    reference.fused = False
+    fp32 = _step(copy.deepcopy(model), x.float(), lengths, weights, train=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _step(reference, x.float(), lengths, weights, train=True)
+        counted = dict(calls)
+        fast = _step(model, x.float(), lengths, weights, train=True)
+    assert calls["reference"] == counted["reference"] and calls["fused"] > counted["fused"]  # the fast path ran
+    for key, want in fp32.items():
+        got = fast[key]
+        if want is None:
+            assert got is None, key
+            continue
+        assert got.dtype == want.dtype, key
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(got, want), key
+            continue
+        scale = max(want.abs().max().item(), 1.0)
+        err = (got.float() - want).abs().max().item() / scale
+        if key.startswith("grad"):
+            assert err <= 2 * (ref[key].float() - want).abs().max().item() / scale + 0.02, key
+        else:
+            assert err <= 0.02, key
