@@ -15,7 +15,7 @@ no torch headers), forward and backward, writing directly into rows of prealloca
 The C source ships with the package and is compiled on first use with the system C compiler (``$CC``, else ``cc``)
 into a per-user cache, ``$BNLSTM_LIT_CACHE_DIR`` or ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``, under a
 name keyed by a hash of the source, the compiler, the flags and the platform; written to a temporary file and renamed
-into place, so concurrent processes (DDP) are safe and later processes load it without compiling (under a second
+into place, so concurrent processes (DDP) are safe and later processes load it without compiling (about a second
 the first time). ``BNLSTM_LIT_KERNEL=0`` (or ``false``/``off``/``no``) turns the kernel off: nothing is built and the
 eager fused path runs. Without a working compiler the eager path runs too, with one warning per process.
 

@@ -62,7 +62,7 @@ class BNLSTM(nn.Module):
             forward and backward, instead of some 14 torch ops forward and 25 backward (and the input term's
             normalization as separate passes over a (T, B, 4H) tensor): the recurrent matmul stays torch's (oneDNN).
             The kernel runs on torch's intra-op threads (OpenMP, results independent of their number). It is
-            compiled on first use with the system C compiler (``$CC``, else ``cc``; under a second) into a per-user
+            compiled on first use with the system C compiler (``$CC``, else ``cc``; about a second) into a per-user
             cache (``$BNLSTM_LIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``). Where
             it cannot be built (no compiler; one warning per process), on other devices and dtypes (float64, CUDA),
             under autocast for the input term (the recurrence itself runs in float32 there, through the kernel), and
