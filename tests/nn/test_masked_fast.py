@@ -270,3 +270,34 @@ def test_bf16_autocast_with_lengths_tracks_float32(calls):
             assert err <= 2 * (ref[key].float() - want).abs().max().item() / scale + 0.02, key
         else:
             assert err <= 0.02, key
+
+
+@pytest.mark.parametrize("reversal", ["unpadded", "padded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plain_lstm_with_lengths_runs_torch_kernel_per_run(reversal, dtype, monkeypatch, calls):
+    """The LSTM baseline (normalize=False) with lengths runs torch's fused LSTM once per run of steps on the sorted
+    batch, not the reference loop, and equals the reference loop (fused=False): outputs (zero at padding), h_n, c_n
+    and every gradient, bidirectional, two layers, both reversals, a length-1 sequence and a step with none."""
+    plain_calls = []
+    plain = layer_module.plain_lstm
+    monkeypatch.setattr(layer_module, "plain_lstm", lambda *a: plain_calls.append(a[0].shape) or plain(*a))
+    torch.manual_seed(12)
+    model = BNLSTM(3, 5, num_layers=2, bidirectional=True, normalize=False, backward_reversal=reversal).to(dtype)
+    reference = copy.deepcopy(model)
+    reference.fused = False
+    lengths, T = [6, 1, 4, 6, 3], 7
+    x, weights = _data(T, 5, 2, 5, seed=12)
+    fast = _step(model, x, torch.tensor(lengths), weights, train=True)
+    assert calls["reference"] == 0 and plain_calls
+    # one call per run of steps with real sequences: lengths 6, 6, 4, 3, 1 give runs of 5, 4, 3 (twice), 2 rows
+    assert all(shape[1] in (5, 4, 3, 2) for shape in plain_calls), plain_calls
+    ref = _step(reference, x, torch.tensor(lengths), weights, train=True)
+    assert calls["reference"] > 0
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for key, want in ref.items():
+        got = fast[key]
+        assert (got is None) == (want is None), key
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol, msg=key)
+    pad = torch.arange(T)[:, None] >= torch.tensor(lengths)[None]
+    assert fast["out"][pad].abs().max().item() == 0.0

@@ -47,11 +47,11 @@ class BNLSTM(nn.Module):
         fused: use the fast paths where they apply (:mod:`bnlstm_lit.nn.fused`): in training, the BN-LSTM
             recurrence as one autograd Function with a hand-written backward; in evaluation with population
             statistics, each BN site folded into a per-step scale and shift; the plain LSTM (``normalize=False``)
-            through torch's fused LSTM kernel without ``lengths``. With ``lengths`` the BN-LSTM's fast paths run on
-            the batch sorted by length, each run of steps with the same number of real sequences on those rows only
-            (as packed sequences; a step with one real sequence normalized with population statistics, the rule of
-            :mod:`~bnlstm_lit.nn.batchnorm`), except with ``compile_steps`` or ``sync_statistics``. False always runs
-            the reference loop (the two agree to float rounding; tested).
+            through torch's fused LSTM kernel. With ``lengths`` the fast paths run on the batch sorted by length,
+            each run of steps with the same number of real sequences on those rows only (as packed sequences; for
+            the BN-LSTM a step with one real sequence normalized with population statistics, the rule of
+            :mod:`~bnlstm_lit.nn.batchnorm`), except with ``compile_steps`` or ``sync_statistics`` for the BN-LSTM.
+            False always runs the reference loop (the two agree to float rounding; tested).
         compile_steps: in the fused BN-LSTM training path, run each chunk of steps through ``torch.compile``d code
             (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
             first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
@@ -241,8 +241,8 @@ class BNLSTM(nn.Module):
                     self.hidden_probes.append(probe)
                     out, (h, c) = self._run_layer(cell, x_in, state_in, mask_in, start_step, probe)  # type: ignore[arg-type]
                 else:
-                    # with lengths: the BN-LSTM's fast paths run the batch sorted by length (_PackedSteps)
-                    fast = self.fused and cell.fast_paths and (mask is None or cell.normalize)
+                    # with lengths: the fast paths run the batch sorted by length (_PackedSteps)
+                    fast = self.fused and cell.fast_paths
                     run = self._run_layer_fused if fast else self._run_layer
                     out, (h, c) = run(cell, x_in, state_in, mask_in, start_step)  # type: ignore[arg-type]
                 outputs.append(out if direction == 0 else _gather_time(out, reverse))  # back in input order
@@ -272,9 +272,18 @@ class BNLSTM(nn.Module):
         steps with the same number of real sequences through the unmasked fast paths on those rows only. The
         reference loop runs instead with ``compile_steps`` (a compiled function per run shape would recompile for
         every batch) and with ``sync_statistics`` (as without a mask)."""
-        if not cell.normalize:
-            assert mask is None  # the plain LSTM with lengths runs the reference loop (forward)
-            return plain_lstm(x, state, cell.weight_ih, cell.weight_hh, cell.bias)
+        if not cell.normalize:  # the plain LSTM: torch's fused kernel, with a mask once per run of steps
+            if mask is None:
+                return plain_lstm(x, state, cell.weight_ih, cell.weight_hh, cell.bias)
+            packed_plain = _PackedSteps.of(mask)
+            if packed_plain is None:
+                return self._run_layer(cell, x, state, mask, start)
+            xs = packed_plain.pieces(x)
+
+            def run_plain(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                return plain_lstm(xs[index][:, :n], (h, c), cell.weight_ih, cell.weight_hh, cell.bias)
+
+            return packed_plain.run(run_plain, state)
         bn_h, bn_c = cell.bn_h, cell.bn_c
         assert bn_h is not None and bn_c is not None and bn_h.weight is not None and bn_c.weight is not None
         if bn_c.bias is None or bn_h.eps != bn_c.eps:
