@@ -474,3 +474,31 @@ def test_kernel_isa_variants_give_identical_results(tmp_path, fresh_kernel_state
         got = run()
         for i, (a, b) in enumerate(zip(got, expected, strict=True)):
             assert torch.equal(a, b), f"{name}: result {i} differs"
+
+
+def test_kernel_recomputes_the_projection_instead_of_saving_it(monkeypatch):
+    """With I small against H (RECOMPUTE_MAX_RATIO), the backward recomputes each chunk's W_x x_t instead of holding
+    it: the same outputs and every gradient bit for bit as when it is saved, and T x B x 4H floats less saved for the
+    backward (counted through saved_tensors_hooks, each storage once)."""
+    T, B, I, H = 17, 5, 2, 9  # I <= H / 4; T: a partial last chunk
+
+    def step(ratio: float) -> tuple[list[torch.Tensor], int]:
+        monkeypatch.setattr(kernel_module, "RECOMPUTE_MAX_RATIO", ratio)
+        model = _model(I, H, 1, T, seed=73)
+        x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(73), requires_grad=True)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, (h, c) = model(x)
+        (out.square().sum() + c.sum()).backward()
+        return [out, h, c, x.grad, *(p.grad for p in model.parameters()), *model.buffers()], sum(storages.values())
+
+    recomputed, saved_bytes_recomputed = step(0.25)
+    kept, saved_bytes_kept = step(0.0)
+    for a, b in zip(recomputed, kept, strict=True):
+        assert torch.equal(a, b)
+    assert saved_bytes_kept - saved_bytes_recomputed == T * B * 4 * H * 4
