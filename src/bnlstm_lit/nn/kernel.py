@@ -286,8 +286,9 @@ class _KernelRecurrence(torch.autograd.Function):
     too: with ``gamma_x`` and ``bias`` given, the first input is W_x x_t (T, B, 4H) and the kernel computes
     BN_t(W_x x_t; γ_x) + b per step (its statistics are two more outputs), so the input term never exists as a
     separate (T, B, 4H) tensor and its normalization costs no extra passes over memory. With ``weight_ih`` W_x given
-    as well, the first input is x (T, B, I) and W_x x_t is one matmul per chunk, into a chunk buffer; backward, the
-    chunk's d(W_x x_t) goes into the gradients of x and W_x right away. This avoids two (T, B, 4H) tensors (W_x x
+    as well, the first input is x (T, B, I) and W_x x_t is one matmul per chunk, into a chunk buffer (saved for the
+    backward, or recomputed there where I <= ``RECOMPUTE_MAX_RATIO`` H); backward, the chunk's d(W_x x_t) goes into
+    the gradients of x and W_x right away. This avoids two (T, B, 4H) tensors (W_x x
     and its gradient, 100-125 MB each at the paper's sequential-MNIST and PTB shapes), fresh pages from the OS on
     every training step: measured here, filling a fresh 125 MB tensor took 28 ms against 1.7 ms for a reused one.
 
