@@ -280,6 +280,28 @@ def _step_matmul(weight: Tensor, batch: int, steps: int) -> Any:
     return lambda x: op(x, packed, None, "none", [], "")
 
 
+def _project(x: Tensor, weight_ih: Tensor, start: int, steps: int) -> Tensor:
+    """W_x x_t for the steps start ... start + steps - 1 of x (T, B, I): one matmul, (steps * B, 4H)."""
+    return _linear_fn()(x[start : start + steps].reshape(steps * x.shape[1], -1), weight_ih)
+
+
+def _run_steps(
+    args: ctypes.Structure, per_step: dict[str, Tensor], start: int, steps: int, step: Any, matmul: Any, h: Tensor,
+    h_all: Tensor,
+) -> Tensor:  # fmt: skip
+    """One chunk of a forward recurrence: point ``args`` at row ``start`` of every per-step buffer, then for each of
+    its steps the recurrent matmul W_h h_{t-1} (torch) and one kernel call ``step`` (which writes h_t into h_all).
+    Returns the chunk's last h."""
+    for name, buf in per_step.items():
+        setattr(args, name, buf[start].data_ptr())
+    ref = ctypes.addressof(args)
+    for k in range(steps):
+        wh = matmul(h).contiguous()  # W_h h_{t-1} (B, 4H), alive during the call
+        step(ref, k, wh.data_ptr())
+        h = h_all[start + k]
+    return h
+
+
 class _KernelRecurrence(torch.autograd.Function):
     """The training-mode recurrence of :class:`bnlstm_lit.nn.fused._BNLSTMRecurrence`, each step's pointwise and
     batch-norm work one kernel call. Same inputs and outputs (float32 CPU), and optionally the input term's batch norm
@@ -347,15 +369,14 @@ class _KernelRecurrence(torch.autograd.Function):
             per_step.update(mean_x=mean_x, invstd_x=invstd_x)
         if not project:
             per_step["x"] = x_in
-        step, ref, matmul = lib.bnlstm_forward_step, ctypes.addressof(args), _step_matmul(weight_hh, B, T)
-        linear = _linear_fn()
+        step, matmul = lib.bnlstm_forward_step, _step_matmul(weight_hh, B, T)
         cs, whs, acts, tcs, wxs = [], [], [], [], []
         h, c_before = h0.contiguous(), c0
         for start in range(0, T, CHUNK):
             K = min(CHUNK, T - start)
             if project:  # the chunk's W_x x_t (K, B, 4H): one matmul, a buffer the allocator recycles
                 assert weight_ih is not None
-                wx_k = linear(x_in[start : start + K].reshape(K * B, -1), weight_ih).view(K, B, G)
+                wx_k = _project(x_in, weight_ih, start, K).view(K, B, G)
                 args.x = wx_k.data_ptr()
                 if save and not recompute:
                     wxs.append(wx_k)
@@ -370,12 +391,7 @@ class _KernelRecurrence(torch.autograd.Function):
                 args.wh = wh_k.data_ptr()
             assert act is not None and tc is not None
             args.act, args.tc = act.data_ptr(), tc.data_ptr()
-            for name, buf in per_step.items():
-                setattr(args, name, buf[start].data_ptr())
-            for k in range(K):
-                wh = matmul(h).contiguous()  # W_h h_{t-1} (B, 4H), alive during the call
-                step(ref, k, wh.data_ptr())
-                h = h_all[start + k]
+            h = _run_steps(args, per_step, start, K, step, matmul, h, h_all)
             c_before = c_k[-1]
         ctx.eps = eps
         ctx.chunks = len(cs)
@@ -457,7 +473,7 @@ class _KernelRecurrence(torch.autograd.Function):
                 assert x_in is not None and weight_ih is not None
                 dwx = new(K, B, G)  # d(W_x x_t) of the chunk's steps
                 if ctx.recompute:  # the forward's matmul again (same op and operands)
-                    wx_k = linear(x_in[start : start + K].reshape(K * B, -1), weight_ih)
+                    wx_k = _project(x_in, weight_ih, start, K)
                 else:
                     wx_k = wxs[chunk]
                 args.x, args.dpre = wx_k.data_ptr(), dwx.data_ptr()
@@ -575,19 +591,13 @@ def population_kernel_recurrence(
     per_step["h"] = h_all
     if not project:
         per_step["x"] = wx
-    step, ref, matmul = lib.bnlstm_population_step, ctypes.addressof(args), _step_matmul(weight_hh, B, T)
-    linear = _linear_fn()
+    step, matmul = lib.bnlstm_population_step, _step_matmul(weight_hh, B, T)
     h = h0.contiguous()
     for start in range(0, T, CHUNK):
         K = min(CHUNK, T - start)
         if project:
             assert weight_ih is not None
-            wx_k = linear(wx[start : start + K].reshape(K * B, -1), weight_ih)  # alive during the chunk
+            wx_k = _project(wx, weight_ih, start, K)  # alive during the chunk
             args.x = wx_k.data_ptr()
-        for name, buf in per_step.items():
-            setattr(args, name, buf[start].data_ptr())
-        for k in range(K):
-            wh = matmul(h).contiguous()  # W_h h_{t-1} (B, 4H), alive during the call
-            step(ref, k, wh.data_ptr())
-            h = h_all[start + k]
+        h = _run_steps(args, per_step, start, K, step, matmul, h, h_all)
     return h_all, (h, c)
