@@ -310,9 +310,9 @@ class _KernelRecurrence(torch.autograd.Function):
     separate (T, B, 4H) tensor and its normalization costs no extra passes over memory. With ``weight_ih`` W_x given
     as well, the first input is x (T, B, I) and W_x x_t is one matmul per chunk, into a chunk buffer (saved for the
     backward, or recomputed there where I <= ``RECOMPUTE_MAX_RATIO`` H); backward, the chunk's d(W_x x_t) goes into
-    the gradients of x and W_x right away. This avoids two (T, B, 4H) tensors (W_x x
-    and its gradient, 100-125 MB each at the paper's sequential-MNIST and PTB shapes), fresh pages from the OS on
-    every training step: measured here, filling a fresh 125 MB tensor took 28 ms against 1.7 ms for a reused one.
+    the gradients of x and W_x right away. This avoids two (T, B, 4H) tensors (W_x x and its gradient, 100-125 MB
+    each at the paper's sequential-MNIST and PTB shapes), fresh pages from the OS on every training step: measured
+    here, filling a fresh 125 MB tensor took 28 ms against 1.7 ms for a reused one.
 
     As in the eager path, the saved per-step results (W_h h_{t-1}, the gate activations, c_t, tanh(BN(c_t))) live in
     buffers of ``CHUNK`` steps, not in (T, B, ·) tensors: buffers of a few MiB are recycled by the allocator from one
