@@ -223,3 +223,23 @@ def test_lm_step_timer_runs_on_a_tiny_model(capsys):
     assert set(medians) == {"lstm", "bnlstm"} and all(v > 0 for v in medians.values())
     out = capsys.readouterr().out
     assert "lstm:" in out and "bnlstm:" in out
+
+
+@pytest.mark.parametrize("shape", ["tiny", "mnist"])
+def test_train_loop_timer_runs_one_model(shape, capsys, monkeypatch):
+    """benchmarks/train_loop.py runs a plain training loop of one model and reports every step's times and faulted
+    memory (values not asserted: speeds); the mnist branch (cross-entropy on the last step) runs on a shrunken
+    preset; a bad --steps is an error naming it."""
+    train_loop = _load("bnlstm_benchmarks_train_loop", BENCHMARKS / "train_loop.py")
+    if shape == "mnist":
+        monkeypatch.setitem(train_loop.SHAPES, "mnist", train_loop.SHAPES["tiny"])
+    rows = train_loop.main(["--shape", shape, "--impl", "bnlstm", "--steps", "2"])  # (--threads would outlive it)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["forward_s"] > 0 and r["backward_step_s"] > 0 for r in rows)
+    if sys.platform.startswith("linux"):
+        assert all(isinstance(r["forward_faulted_bytes"], int) and r["forward_faulted_bytes"] >= 0 for r in rows)
+    out = capsys.readouterr().out
+    assert out.count("  step ") == 2 and f"at the {shape} shape" in out
+    with pytest.raises(SystemExit) as info:
+        train_loop.main(["--shape", "tiny", "--steps", "0"])
+    assert info.value.code == 2 and "--steps" in capsys.readouterr().err
