@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +12,19 @@ import pytest
 
 #: The offline data copies next to the checkout (../shared/data, SPEC §4). Tests never download.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The native kernel (bnlstm_lit.nn.kernel) is built into a cache folder of this test session, not the user's
+# ~/.cache (collecting tests/nn/test_kernel.py already builds it), unless BNLSTM_LIT_CACHE_DIR is set. Set here, at
+# import, so that test modules and the CLI subprocesses the tests start see it; removed when the session ends.
+_KERNEL_CACHE = None
+if not os.environ.get("BNLSTM_LIT_CACHE_DIR"):
+    _KERNEL_CACHE = tempfile.mkdtemp(prefix="bnlstm_lit_test_kernel_")
+    os.environ["BNLSTM_LIT_CACHE_DIR"] = _KERNEL_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _KERNEL_CACHE is not None:
+        shutil.rmtree(_KERNEL_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -502,3 +502,17 @@ def test_kernel_recomputes_the_projection_instead_of_saving_it(monkeypatch):
     for a, b in zip(recomputed, kept, strict=True):
         assert torch.equal(a, b)
     assert saved_bytes_kept - saved_bytes_recomputed == T * B * 4 * H * 4
+
+
+def test_cache_folder_follows_the_documented_order(tmp_path, monkeypatch):
+    """$BNLSTM_LIT_CACHE_DIR, else $XDG_CACHE_HOME/bnlstm_lit, else ~/.cache/bnlstm_lit (the test session itself
+    builds into a folder of its own: tests/conftest.py)."""
+    monkeypatch.setenv(kernel_module.ENV_CACHE, str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernel_module.cache_dir() == tmp_path / "explicit"
+    assert kernel_module.library_path().parent == tmp_path / "explicit"
+    monkeypatch.delenv(kernel_module.ENV_CACHE)
+    assert kernel_module.cache_dir() == tmp_path / "xdg" / "bnlstm_lit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert kernel_module.cache_dir() == tmp_path / "home" / ".cache" / "bnlstm_lit"
