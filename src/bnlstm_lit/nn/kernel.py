@@ -280,9 +280,10 @@ def _step_matmul(weight: Tensor, batch: int, steps: int) -> Any:
     return lambda x: op(x, packed, None, "none", [], "")
 
 
-def _project(x: Tensor, weight_ih: Tensor, start: int, steps: int) -> Tensor:
-    """W_x x_t for the steps start ... start + steps - 1 of x (T, B, I): one matmul, (steps * B, 4H)."""
-    return _linear_fn()(x[start : start + steps].reshape(steps * x.shape[1], -1), weight_ih)
+def _project(linear: Any, x: Tensor, weight_ih: Tensor, start: int, steps: int) -> Tensor:
+    """W_x x_t for the steps start ... start + steps - 1 of x (T, B, I): one matmul (``linear``, from
+    :func:`_linear_fn`), (steps * B, 4H)."""
+    return linear(x[start : start + steps].reshape(steps * x.shape[1], -1), weight_ih)
 
 
 def _run_steps(
@@ -369,14 +370,14 @@ class _KernelRecurrence(torch.autograd.Function):
             per_step.update(mean_x=mean_x, invstd_x=invstd_x)
         if not project:
             per_step["x"] = x_in
-        step, matmul = lib.bnlstm_forward_step, _step_matmul(weight_hh, B, T)
+        step, matmul, linear = lib.bnlstm_forward_step, _step_matmul(weight_hh, B, T), _linear_fn()
         cs, whs, acts, tcs, wxs = [], [], [], [], []
         h, c_before = h0.contiguous(), c0
         for start in range(0, T, CHUNK):
             K = min(CHUNK, T - start)
             if project:  # the chunk's W_x x_t (K, B, 4H): one matmul, a buffer the allocator recycles
                 assert weight_ih is not None
-                wx_k = _project(x_in, weight_ih, start, K).view(K, B, G)
+                wx_k = _project(linear, x_in, weight_ih, start, K).view(K, B, G)
                 args.x = wx_k.data_ptr()
                 if save and not recompute:
                     wxs.append(wx_k)
@@ -473,7 +474,7 @@ class _KernelRecurrence(torch.autograd.Function):
                 assert x_in is not None and weight_ih is not None
                 dwx = new(K, B, G)  # d(W_x x_t) of the chunk's steps
                 if ctx.recompute:  # the forward's matmul again (same op and operands)
-                    wx_k = _project(x_in, weight_ih, start, K)
+                    wx_k = _project(linear, x_in, weight_ih, start, K)
                 else:
                     wx_k = wxs[chunk]
                 args.x, args.dpre = wx_k.data_ptr(), dwx.data_ptr()
@@ -591,13 +592,13 @@ def population_kernel_recurrence(
     per_step["h"] = h_all
     if not project:
         per_step["x"] = wx
-    step, matmul = lib.bnlstm_population_step, _step_matmul(weight_hh, B, T)
+    step, matmul, linear = lib.bnlstm_population_step, _step_matmul(weight_hh, B, T), _linear_fn()
     h = h0.contiguous()
     for start in range(0, T, CHUNK):
         K = min(CHUNK, T - start)
         if project:
             assert weight_ih is not None
-            wx_k = _project(wx, weight_ih, start, K)  # alive during the chunk
+            wx_k = _project(linear, wx, weight_ih, start, K)  # alive during the chunk
             args.x = wx_k.data_ptr()
         h = _run_steps(args, per_step, start, K, step, matmul, h, h_all)
     return h_all, (h, c)
