@@ -229,7 +229,7 @@ def test_lm_step_timer_runs_on_a_tiny_model(capsys):
 def test_train_loop_timer_runs_one_model(shape, capsys, monkeypatch):
     """benchmarks/train_loop.py runs a plain training loop of one model and reports every step's times and faulted
     memory (values not asserted: speeds); the mnist branch (cross-entropy on the last step) runs on a shrunken
-    preset; a bad --steps is an error naming it."""
+    preset; a bad --steps or --threads is an error naming it."""
     train_loop = _load("bnlstm_benchmarks_train_loop", BENCHMARKS / "train_loop.py")
     if shape == "mnist":
         monkeypatch.setitem(train_loop.SHAPES, "mnist", train_loop.SHAPES["tiny"])
@@ -240,6 +240,7 @@ def test_train_loop_timer_runs_one_model(shape, capsys, monkeypatch):
         assert all(isinstance(r["forward_faulted_bytes"], int) and r["forward_faulted_bytes"] >= 0 for r in rows)
     out = capsys.readouterr().out
     assert out.count("  step ") == 2 and f"at the {shape} shape" in out
-    with pytest.raises(SystemExit) as info:
-        train_loop.main(["--shape", "tiny", "--steps", "0"])
-    assert info.value.code == 2 and "--steps" in capsys.readouterr().err
+    for flag in ("--steps", "--threads"):
+        with pytest.raises(SystemExit) as info:
+            train_loop.main(["--shape", "tiny", flag, "0"])
+        assert info.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
