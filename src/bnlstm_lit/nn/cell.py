@@ -23,17 +23,14 @@ The cell contract (one for every cell, the layer owns the time loop):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm
+from bnlstm_lit.nn.settings import DEFAULTS, GammaInit, InputStatistics, RecurrentInit
 
-RecurrentInit = Literal["orthogonal", "identity_g"]
-InputStatistics = Literal["per_step", "sequence"]
-#: one γ for every BN site, or per site: ``{"input": γ_x, "recurrent": γ_h, "cell": γ_c}`` (missing sites: 0.1)
-GammaInit = float | dict[str, float]
 GAMMA_SITES = ("input", "recurrent", "cell")
 
 
@@ -44,7 +41,9 @@ def site_gammas(owner: str, gamma_init: GammaInit, sites: tuple[str, ...] = GAMM
         unknown = sorted(set(gamma_init) - set(sites))
         if unknown:
             raise ValueError(f"{owner}: gamma_init keys must be among {list(sites)}, got {unknown}")
-        values = {site: gamma_init.get(site, 0.1) for site in sites}
+        default = DEFAULTS.gamma_init
+        assert isinstance(default, float)
+        values = {site: gamma_init.get(site, default) for site in sites}
     else:
         values = dict.fromkeys(sites, gamma_init)
     for site, value in values.items():
@@ -94,13 +93,14 @@ class BNLSTMCell(nn.Module):
         input_size: int,
         hidden_size: int,
         max_steps: int,
-        normalize: bool = True,
-        gamma_init: GammaInit = 0.1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        forget_bias: float = 1.0,
-        recurrent_init: RecurrentInit = "orthogonal",
-        input_statistics: InputStatistics = "per_step",
+        normalize: bool = DEFAULTS.normalize,
+        gamma_init: GammaInit = DEFAULTS.gamma_init,
+        eps: float = DEFAULTS.eps,
+        momentum: float | None = DEFAULTS.momentum,
+        forget_bias: float = DEFAULTS.forget_bias,
+        recurrent_init: RecurrentInit = DEFAULTS.recurrent_init,
+        input_statistics: InputStatistics = DEFAULTS.input_statistics,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         _check_arguments("BNLSTMCell", input_size, hidden_size, recurrent_init, input_statistics)
@@ -112,7 +112,11 @@ class BNLSTMCell(nn.Module):
         H = hidden_size
         self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
         self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
-        self.bias = nn.Parameter(torch.empty(4 * H))
+        self.bias: Tensor
+        if bias:
+            self.bias = nn.Parameter(torch.empty(4 * H))
+        else:  # torch.nn.LSTM(bias=False): b fixed at 0, no forget bias
+            self.register_buffer("bias", torch.zeros(4 * H))
         self.bn_x: SequenceBatchNorm | None = None
         self.bn_h: SequenceBatchNorm | None = None
         self.bn_c: SequenceBatchNorm | None = None
@@ -136,7 +140,8 @@ class BNLSTMCell(nn.Module):
             if self.recurrent_init == "identity_g":
                 self.weight_hh[2 * H : 3 * H].copy_(torch.eye(H))
             self.bias.zero_()
-            self.bias[H : 2 * H].fill_(self.forget_bias)  # forget-gate slice
+            if isinstance(self.bias, nn.Parameter):  # without a bias (bias=False) b stays 0
+                self.bias[H : 2 * H].fill_(self.forget_bias)  # forget-gate slice
         for bn in (self.bn_x, self.bn_h, self.bn_c):
             if bn is not None:
                 bn.reset_parameters()
@@ -198,13 +203,14 @@ class BNRNNCell(nn.Module):
         input_size: int,
         hidden_size: int,
         max_steps: int,
-        normalize: bool = True,
-        gamma_init: GammaInit = 0.1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        forget_bias: float = 1.0,
-        recurrent_init: RecurrentInit = "orthogonal",
-        input_statistics: InputStatistics = "per_step",
+        normalize: bool = DEFAULTS.normalize,
+        gamma_init: GammaInit = DEFAULTS.gamma_init,
+        eps: float = DEFAULTS.eps,
+        momentum: float | None = DEFAULTS.momentum,
+        forget_bias: float = DEFAULTS.forget_bias,
+        recurrent_init: RecurrentInit = DEFAULTS.recurrent_init,
+        input_statistics: InputStatistics = DEFAULTS.input_statistics,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         _check_arguments("BNRNNCell", input_size, hidden_size, recurrent_init, input_statistics)
@@ -215,7 +221,11 @@ class BNRNNCell(nn.Module):
         self.recurrent_init = recurrent_init
         self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size))
-        self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.bias: Tensor
+        if bias:
+            self.bias = nn.Parameter(torch.empty(hidden_size))
+        else:
+            self.register_buffer("bias", torch.zeros(hidden_size))
         self.bn_x: SequenceBatchNorm | None = None
         self.bn_h: SequenceBatchNorm | None = None
         self.bn_c: SequenceBatchNorm | None = None  # no cell: the attribute exists so code can ask every cell

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from bnlstm_lit.nn import kernel as native
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
-from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell, GammaInit, InputStatistics, RecurrentInit
+from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell
+from bnlstm_lit.nn.settings import (
+    DEFAULTS,
+    BNLSTMSettings,
+    CellType,
+    GammaInit,
+    Implementation,
+    InputStatistics,
+    RecurrentInit,
+)
 from bnlstm_lit.nn.fused import fused_recurrence, input_norm_recurrence, plain_lstm, population_recurrence
 
-CellType = Literal["lstm", "tanh"]
+IMPLEMENTATIONS = get_args(Implementation)
 BackwardReversal = Literal["unpadded", "padded"]
 CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tanh": BNRNNCell}
 
@@ -102,25 +111,27 @@ class BNLSTM(nn.Module):
         self,
         input_size: int,
         hidden_size: int,
-        num_layers: int = 1,
+        num_layers: int = DEFAULTS.num_layers,
+        bias: bool = True,
         batch_first: bool = False,
-        max_steps: int = 1000,
-        normalize: bool = True,
-        gamma_init: GammaInit = 0.1,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        forget_bias: float = 1.0,
-        recurrent_init: RecurrentInit = "orthogonal",
-        h0_noise_std: float = 0.0,
-        dropout: float = 0.0,
-        fused: bool = True,
-        compile_steps: bool = False,
-        native_kernel: bool = True,
-        cell: CellType = "lstm",
-        sync_statistics: bool = False,
+        dropout: float = DEFAULTS.dropout,
         bidirectional: bool = False,
-        input_statistics: InputStatistics = "per_step",
+        *,
+        max_steps: int = 1000,
+        normalize: bool = DEFAULTS.normalize,
+        gamma_init: GammaInit = DEFAULTS.gamma_init,
+        eps: float = DEFAULTS.eps,
+        momentum: float | None = DEFAULTS.momentum,
+        forget_bias: float = DEFAULTS.forget_bias,
+        recurrent_init: RecurrentInit = DEFAULTS.recurrent_init,
+        h0_noise_std: float = DEFAULTS.h0_noise_std,
+        cell: CellType = DEFAULTS.cell,
+        input_statistics: InputStatistics = DEFAULTS.input_statistics,
+        sync_statistics: bool = DEFAULTS.sync_statistics,
         backward_reversal: BackwardReversal = "unpadded",
+        implementation: Implementation = DEFAULTS.implementation,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -135,6 +146,10 @@ class BNLSTM(nn.Module):
             raise ValueError(f"BNLSTM: backward_reversal must be 'unpadded' or 'padded', got {backward_reversal!r}")
         if input_statistics not in ("per_step", "sequence"):
             raise ValueError(f"BNLSTM: input_statistics must be 'per_step' or 'sequence', got {input_statistics!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"BNLSTM: implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"BNLSTM: bias must be a bool (torch.nn.LSTM's 4th positional argument), got {bias!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -143,9 +158,11 @@ class BNLSTM(nn.Module):
         self.normalize = normalize
         self.h0_noise_std = h0_noise_std
         self.dropout = dropout
-        self.fused = fused
-        self.compile_steps = compile_steps
-        self.native_kernel = native_kernel
+        self.bias = bias
+        self.implementation = implementation
+        self.fused = implementation != "reference"  # interim
+        self.native_kernel = implementation != "eager"  # interim
+        self.compile_steps = False  # interim
         self.cell = cell
         self.bidirectional = bidirectional
         self.input_statistics = input_statistics
@@ -165,6 +182,7 @@ class BNLSTM(nn.Module):
                 forget_bias=forget_bias,
                 recurrent_init=recurrent_init,
                 input_statistics=input_statistics,
+                bias=bias,
             )
             for index in range(num_layers * directions)
         )
@@ -174,6 +192,27 @@ class BNLSTM(nn.Module):
             self.c0 = nn.Parameter(torch.zeros(num_layers * directions, hidden_size))
         else:  # no memory cell: a parameter nothing reads would break DDP (unused parameters)
             self.register_buffer("c0", torch.zeros(num_layers * directions, hidden_size))
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_settings(
+        cls,
+        input_size: int,
+        settings: BNLSTMSettings,
+        *,
+        max_steps: int,
+        batch_first: bool = False,
+        bidirectional: bool = False,
+        **overrides: Any,
+    ) -> BNLSTM:
+        """The layer a task or model declares with one :class:`~bnlstm_lit.nn.settings.BNLSTMSettings` group;
+        ``overrides`` replace single settings (e.g. a model whose variant fixes ``input_statistics``)."""
+        arguments = {**settings.layer_arguments(), **overrides}
+        return cls(
+            input_size, settings.hidden_size, batch_first=batch_first, bidirectional=bidirectional,
+            max_steps=max_steps, **arguments,
+        )  # fmt: skip
 
     def reset_parameters(self) -> None:
         for cell in self.cells:
@@ -186,8 +225,7 @@ class BNLSTM(nn.Module):
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
             f"max_steps={self.max_steps}, normalize={self.normalize}, h0_noise_std={self.h0_noise_std}, "
-            f"dropout={self.dropout}, fused={self.fused}, compile_steps={self.compile_steps}, "
-            f"native_kernel={self.native_kernel}, cell={self.cell!r}, "
+            f"dropout={self.dropout}, bias={self.bias}, implementation={self.implementation!r}, cell={self.cell!r}, "
             f"bidirectional={self.bidirectional}, input_statistics={self.input_statistics!r}"
         )
 
