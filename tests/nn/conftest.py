@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from bnlstm_lit.nn import kernel as kernel_module
+from bnlstm_lit.nn import native
 
 
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
     """How often the training recurrence (of which with the input term's batch norm inside) and the evaluation loop
-    went through the kernel."""
+    went through the native kernel (the dispatcher calls ``native.recurrence`` / ``native.population``)."""
     calls = {"train": 0, "input_norm": 0, "eval": 0}
-    train, evaluate = kernel_module.kernel_recurrence, kernel_module.population_kernel_recurrence
-    input_norm = kernel_module.kernel_recurrence_input_norm
+    train, evaluate = native.recurrence, native.population
 
-    def counted_train(*args):
+    def counted_train(*args, **kwargs):
         calls["train"] += 1
-        return train(*args)
+        calls["input_norm"] += kwargs.get("gamma_x") is not None
+        return train(*args, **kwargs)
 
-    def counted_input_norm(*args):
-        calls["train"] += 1
-        calls["input_norm"] += 1
-        return input_norm(*args)
-
-    def counted_eval(*args):
+    def counted_eval(*args, **kwargs):
         calls["eval"] += 1
-        return evaluate(*args)
+        return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(kernel_module, "kernel_recurrence", counted_train)
-    monkeypatch.setattr(kernel_module, "kernel_recurrence_input_norm", counted_input_norm)
-    monkeypatch.setattr(kernel_module, "population_kernel_recurrence", counted_eval)
+    monkeypatch.setattr(native, "recurrence", counted_train)
+    monkeypatch.setattr(native, "population", counted_eval)
     return calls

@@ -2,7 +2,7 @@
 and falls back to the eager path where it cannot be built.
 
 The kernel runs on float32 CPU tensors only. Each comparison builds one float32 model, deep-copies it twice
-(``native_kernel=False``: the eager fused steps; ``fused=False``: the reference loop) and once more in float64 (the
+(``implementation="eager"``: the eager fused steps; ``implementation="reference"``: the reference loop) and once more in float64 (the
 truth the float32 results are measured against).
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlstm_lit.nn import BNLSTM, fused
-from bnlstm_lit.nn import kernel as kernel_module
+from bnlstm_lit.nn import BNLSTM, eager, native
+from bnlstm_lit.nn import native_build as kernel_module
 
 pytestmark = pytest.mark.skipif(kernel_module.library() is None, reason="the native kernel cannot be built here")
 
@@ -63,9 +63,9 @@ def _model(I, H, L, max_steps, seed=0, **kw) -> BNLSTM:
 
 def _variants(model: BNLSTM) -> dict[str, BNLSTM]:
     eager = copy.deepcopy(model)
-    eager.native_kernel = False
+    eager.implementation = "eager"
     reference = copy.deepcopy(model)
-    reference.fused = False
+    reference.implementation = "reference"
     truth = copy.deepcopy(reference).double()
     return {"kernel": model, "eager": eager, "reference": reference, "truth": truth}
 
@@ -182,10 +182,10 @@ def test_kernel_training_without_grad_updates_statistics_like_eager(count_kernel
 
 
 def test_kernel_is_not_used_for_float64_or_when_switched_off(count_kernel_calls):
-    """float64 and ``native_kernel=False`` run the eager steps (the tests of test_fused.py cover those)."""
+    """float64 and ``implementation="eager"`` run the eager steps (the tests of test_fused.py cover those)."""
     x = torch.randn(4, 3, 2)
     _model(2, 5, 1, 4).double()(x.double())
-    _model(2, 5, 1, 4, native_kernel=False)(x)
+    _model(2, 5, 1, 4, implementation="eager")(x)
     assert count_kernel_calls["train"] == 0
     _model(2, 5, 1, 4)(x)
     assert count_kernel_calls["train"] == 1
@@ -248,12 +248,12 @@ def test_second_load_does_not_recompile(tmp_path, monkeypatch, fresh_kernel_stat
 
 def test_without_a_compiler_the_eager_path_runs_with_one_warning(tmp_path, monkeypatch, fresh_kernel_state):
     """CC names no program and the cache is empty: the layer trains and evaluates with the eager steps, same
-    numbers as native_kernel=False, and warns once per process (not once per call)."""
+    numbers as implementation="eager", and warns once per process (not once per call)."""
     monkeypatch.setenv(kernel_module.ENV_CACHE, str(tmp_path / "empty"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     model = _model(3, 5, 2, 6, seed=53)
     eager = copy.deepcopy(model)
-    eager.native_kernel = False
+    eager.implementation = "eager"
     x = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(53))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -290,29 +290,30 @@ def test_switched_off_by_environment_nothing_is_built(tmp_path, monkeypatch, fre
     assert not (tmp_path / "cache").exists()
 
 
-def test_fused_recurrence_kernel_argument():
-    """fused_recurrence(kernel=False) and compile_steps never reach the kernel; kernel=True does, and both agree."""
+def test_native_recurrence_equals_eager_on_a_given_input_term():
+    """The two training recurrences of the dispatcher, given the same input term: outputs and statistics agree."""
     g = torch.Generator().manual_seed(54)
     T, B, H = 10, 6, 5
     args = (
         torch.randn(T, B, 4 * H, generator=g),
-        (torch.randn(B, H, generator=g), torch.randn(B, H, generator=g)),
+        torch.randn(B, H, generator=g),
+        torch.randn(B, H, generator=g),
         torch.randn(4 * H, H, generator=g) * 0.3,
         torch.rand(4 * H, generator=g) + 0.1,
         torch.rand(H, generator=g) + 0.1,
         torch.randn(H, generator=g),
         1e-5,
     )
-    with_kernel = fused.fused_recurrence(*args, kernel=True)
-    without = fused.fused_recurrence(*args, kernel=False)
+    with_kernel = native.recurrence(*args)
+    without = eager.recurrence(*args)
     torch.testing.assert_close(with_kernel[0], without[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(with_kernel[1], without[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(with_kernel[2], without[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_population_recurrence_kernel_argument(count_kernel_calls):
-    """population_recurrence on a given input term: without gradients kernel=True runs the kernel (input term taken
-    as it is) and equals kernel=False; with gradients the differentiable eager loop runs."""
+def test_native_population_equals_eager_on_a_given_input_term():
+    """The population recurrence on a given input term (scale 1, shift 0 for it): the kernel equals the eager loop."""
     g = torch.Generator().manual_seed(55)
     T, B, H = 7, 3, 6
     x_terms = torch.randn(T, B, 4 * H, generator=g)
@@ -323,14 +324,12 @@ def test_population_recurrence_kernel_argument(count_kernel_calls):
         torch.rand(T, H, generator=g) + 0.5,
         torch.randn(T, H, generator=g),
     )
+    ones, zeros = torch.ones(T, 4 * H), torch.zeros(T, 4 * H)
     with torch.no_grad():
-        out_k, (h_k, c_k) = fused.population_recurrence(x_terms, state, weight, *scales, kernel=True)
-        out_e, (h_e, c_e) = fused.population_recurrence(x_terms, state, weight, *scales, kernel=False)
-    assert count_kernel_calls["eval"] == 1
+        out_k, (h_k, c_k) = native.population(x_terms, *state, weight, ones, zeros, *scales)
+        out_e, (h_e, c_e) = eager.population(x_terms, state, weight, *scales)
     for got, want in ((out_k, out_e), (h_k, h_e), (c_k, c_e)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    fused.population_recurrence(x_terms.requires_grad_(), state, weight, *scales, kernel=True)
-    assert count_kernel_calls["eval"] == 1
 
 
 @pytest.mark.parametrize(("H", "threads"), [(40, 2), (72, 3)])
@@ -343,7 +342,7 @@ def test_kernel_column_blocks_on_several_threads_give_identical_results(H, threa
     x = torch.randn(6, 5, 3, generator=torch.Generator().manual_seed(56))
     results = []
     for n in (1, threads):
-        monkeypatch.setattr(kernel_module, "_threads", lambda elements, n=n: n)
+        monkeypatch.setattr(native, "_threads", lambda elements, n=n: n)
         m = copy.deepcopy(model)
         out, (h, c) = m(x)
         (out.sum() + (c**2).sum()).backward()
@@ -384,8 +383,19 @@ def test_kernel_projection_equals_the_projected_input(T, x_grad):
         xl, wih, whh, gx, b, gc = leaves
         xl.requires_grad_(x_grad)
         first = xl if project else xl @ wih.t()
-        out = kernel_module.kernel_recurrence_input_norm(
-            first, h0, c0, whh, gamma_h, gc, beta_c, gx, b, 1e-5, 1e-4, wih if project else None
+        out = native.recurrence(
+            first,
+            h0,
+            c0,
+            whh,
+            gamma_h,
+            gc,
+            beta_c,
+            1e-5,
+            gamma_x=gx,
+            bias=b,
+            eps_x=1e-4,
+            weight_ih=wih if project else None,
         )
         ((out[0] * w).sum() + out[1].square().sum()).backward()
         results.append((out, [leaf.grad for leaf in leaves]))
@@ -483,7 +493,7 @@ def test_kernel_recomputes_the_projection_instead_of_saving_it(monkeypatch):
     T, B, I, H = 17, 5, 2, 9  # I <= H / 4; T: a partial last chunk
 
     def step(ratio: float) -> tuple[list[torch.Tensor], int]:
-        monkeypatch.setattr(kernel_module, "RECOMPUTE_MAX_RATIO", ratio)
+        monkeypatch.setattr(native, "RECOMPUTE_MAX_RATIO", ratio)
         model = _model(I, H, 1, T, seed=73)
         x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(73), requires_grad=True)
         storages: dict[int, int] = {}

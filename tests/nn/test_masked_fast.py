@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 
-from bnlstm_lit.nn import BNLSTM, fused
-from bnlstm_lit.nn import kernel as kernel_module
-from bnlstm_lit.nn import layer as layer_module
+from bnlstm_lit.nn import BNLSTM, eager, native, reference
+from bnlstm_lit.nn import plain as plain_lstm
+from bnlstm_lit.nn import native_build as kernel_module
 
 #: (lengths, T): a length-1 sequence and one longest sequence (the last steps have one real sequence: the rule for
 #: fewer than two applies), all equal, T beyond the longest (steps without a real sequence), two equal longest.
@@ -39,17 +39,19 @@ def calls(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(layer_module, "fused_recurrence", counted("fused", layer_module.fused_recurrence))
-    input_norm = counted("input_norm", layer_module.input_norm_recurrence)
-    monkeypatch.setattr(layer_module, "input_norm_recurrence", input_norm)
-    monkeypatch.setattr(
-        layer_module, "_population_statistics_steps", counted("few", layer_module._population_statistics_steps)
-    )
-    monkeypatch.setattr(layer_module, "population_recurrence", counted("population", fused.population_recurrence))
-    monkeypatch.setattr(
-        kernel_module, "population_kernel_recurrence", counted("population", kernel_module.population_kernel_recurrence)
-    )
-    monkeypatch.setattr(BNLSTM, "_run_layer", staticmethod(counted("reference", BNLSTM._run_layer)))
+    def recurrence(name, fn):  # the native recurrence with the input term's BN inside counts as "input_norm"
+        def call(*args, **kwargs):
+            counts["input_norm" if kwargs.get("gamma_x") is not None else name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(eager, "recurrence", counted("fused", eager.recurrence))
+    monkeypatch.setattr(native, "recurrence", recurrence("fused", native.recurrence))
+    monkeypatch.setattr(reference, "population_steps", counted("few", reference.population_steps))
+    monkeypatch.setattr(eager, "population", counted("population", eager.population))
+    monkeypatch.setattr(native, "population", counted("population", native.population))
+    monkeypatch.setattr(reference, "run", counted("reference", reference.run))
     return counts
 
 
@@ -112,7 +114,7 @@ def test_masked_fast_path_equals_reference_float64(reversal, input_statistics, l
     fast = _model(H, layers, seed=10 * case + layers, **kw)
     fast.max_steps = 10
     reference = copy.deepcopy(fast)
-    reference.fused = False
+    reference.implementation = "reference"
     B = len(lengths)
     for step in range(2):
         x, weights = _data(T, B, layers, H, seed=step + 7 * case)
@@ -178,8 +180,8 @@ def test_masked_kernel_float32_as_accurate_as_reference(
     kw = {"backward_reversal": reversal, "input_statistics": input_statistics}
     truth_model = _model(H, layers, seed=5 + case, **kw)
     fast, reference = copy.deepcopy(truth_model).float(), copy.deepcopy(truth_model).float()
-    reference.fused = False
-    truth_model.fused = False
+    reference.implementation = "reference"
+    truth_model.implementation = "reference"
     for step in range(2):
         x, weights = _data(T, len(lengths), layers, H, seed=5 + 11 * step + case)
         res = {n: _step(m, x, torch.tensor(lengths), weights, True) for n, m in [("fast", fast), ("ref", reference)]}
@@ -224,15 +226,12 @@ def test_padding_invariance_on_the_fast_path(dtype, calls):
     assert calls["reference"] == 0 and calls["fused"] + calls["input_norm"] > 0
 
 
-def test_compile_steps_and_double_backward_fall_back_or_refuse(calls):
-    """compile_steps with lengths runs the reference loop; the fast path refuses a differentiable backward."""
+def test_double_backward_is_refused_on_the_fast_path(calls):
+    """The fast path with lengths refuses a differentiable backward (the reference loop supports it)."""
     model = _model(5, 1, seed=6)
     x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
-    model.compile_steps = True
-    model(x, lengths=torch.tensor([4, 2, 3]))
-    assert calls["reference"] == 2 and calls["fused"] == 0
-    model.compile_steps = False
     out, _ = model(x, lengths=torch.tensor([4, 2, 3]))
+    assert calls["reference"] == 0
     with pytest.raises(RuntimeError, match="differentiated twice"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
 
@@ -248,7 +247,7 @@ def test_bf16_autocast_with_lengths_tracks_float32(calls):
     lengths = torch.tensor([8, 7, 5, 1, 7])
     x, weights = _data(8, 5, 2, 6, seed=8)
     reference = copy.deepcopy(model)
-    reference.fused = False
+    reference.implementation = "reference"
     fp32 = _step(copy.deepcopy(model), x.float(), lengths, weights, train=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _step(reference, x.float(), lengths, weights, train=True)
@@ -276,15 +275,15 @@ def test_bf16_autocast_with_lengths_tracks_float32(calls):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_plain_lstm_with_lengths_runs_torch_kernel_per_run(reversal, dtype, monkeypatch, calls):
     """The LSTM baseline (normalize=False) with lengths runs torch's fused LSTM once per run of steps on the sorted
-    batch, not the reference loop, and equals the reference loop (fused=False): outputs (zero at padding), h_n, c_n
+    batch, not the reference loop, and equals the reference loop (implementation="reference"): outputs (zero at padding), h_n, c_n
     and every gradient, bidirectional, two layers, both reversals, a length-1 sequence and a step with none."""
     plain_calls = []
-    plain = layer_module.plain_lstm
-    monkeypatch.setattr(layer_module, "plain_lstm", lambda *a: plain_calls.append(a[0].shape) or plain(*a))
+    plain_run = plain_lstm.run
+    monkeypatch.setattr(plain_lstm, "run", lambda *a: plain_calls.append(a[0].shape) or plain_run(*a))
     torch.manual_seed(12)
     model = BNLSTM(3, 5, num_layers=2, bidirectional=True, normalize=False, backward_reversal=reversal).to(dtype)
     reference = copy.deepcopy(model)
-    reference.fused = False
+    reference.implementation = "reference"
     lengths, T = [6, 1, 4, 6, 3], 7
     x, weights = _data(T, 5, 2, 5, seed=12)
     fast = _step(model, x, torch.tensor(lengths), weights, train=True)

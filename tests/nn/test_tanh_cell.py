@@ -214,7 +214,14 @@ def test_learned_h0_gets_zero_gradient_in_training_with_normalization():
 def _rnn_pair(L: int, fused: bool, seed: int = 0, batch_first: bool = False):
     torch.manual_seed(seed)
     model = BNLSTM(
-        I, H, num_layers=L, normalize=False, cell="tanh", max_steps=4, fused=fused, batch_first=batch_first
+        I,
+        H,
+        num_layers=L,
+        normalize=False,
+        cell="tanh",
+        max_steps=4,
+        implementation=("auto" if fused else "reference"),
+        batch_first=batch_first,
     ).double()
     ref = nn.RNN(I, H, num_layers=L, nonlinearity="tanh", batch_first=batch_first).double()
     with torch.no_grad():
@@ -497,8 +504,8 @@ def test_training_longer_than_max_steps_raises():
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_fused_flag_has_no_effect_on_tanh(normalize):
-    model_a = _tanh_model(2, max_steps=6, seed=9, h0=True, normalize=normalize, fused=True)
-    model_b = _tanh_model(2, max_steps=6, seed=9, h0=True, normalize=normalize, fused=False)
+    model_a = _tanh_model(2, max_steps=6, seed=9, h0=True, normalize=normalize, implementation="auto")
+    model_b = _tanh_model(2, max_steps=6, seed=9, h0=True, normalize=normalize, implementation="reference")
     model_b.load_state_dict(model_a.state_dict())
     x = torch.randn(6, 4, I, dtype=torch.float64)
     for training in (True, False):
@@ -557,7 +564,15 @@ def test_sequence_classification_builds_a_tanh_layer():
 
 def _probe_model(cell: str, num_layers: int, seed: int = 0, fused: bool = False, max_steps: int = 8, **kw) -> BNLSTM:
     torch.manual_seed(seed)
-    model = BNLSTM(I, H, num_layers=num_layers, max_steps=max_steps, cell=cell, fused=fused, **kw).double()
+    model = BNLSTM(
+        I,
+        H,
+        num_layers=num_layers,
+        max_steps=max_steps,
+        cell=cell,
+        implementation=("auto" if fused else "reference"),
+        **kw,
+    ).double()
     return _perturb(model, seed, h0=True)
 
 

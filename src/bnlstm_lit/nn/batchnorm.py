@@ -173,20 +173,20 @@ class SequenceBatchNorm(nn.Module):
             return self._normalize_shared(x, mask)
         use_batch = self.training or self.eval_statistics == "batch"
         if not use_batch:
-            mean, var = self._population(start, T)
+            mean, var = self.population(start, T)
             if T == 1:  # one fused kernel for the common case, a step of the time loop
                 y = F.batch_norm(x[0], mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
                 return y.unsqueeze(0)
-            return self._normalize_with(x, mean, var)
+            return self.normalize_with(x, mean, var)
         syncing = self.training and self.syncing()
         self.check_batch_statistics(start, T, max(B, 2) if syncing else B)  # synced: the global batch counts
         if syncing:
             mean, var, global_valid = _synced_statistics(x, mask)  # over every process's batch, differentiable
-            pop_mean, pop_var = self._population(start, T)
+            pop_mean, pop_var = self.population(start, T)
             mean = torch.where(global_valid[:, None], mean, pop_mean)
             var = torch.where(global_valid[:, None], var, pop_var)
-            y = self._normalize_with(x, mean, var)
-            self._update_running_stats(start, mean.detach(), var.detach(), global_valid)
+            y = self.normalize_with(x, mean, var)
+            self.record(start, mean.detach(), var.detach(), global_valid)
             return y
         valid: Tensor | None = None
         if mask is None:
@@ -194,20 +194,20 @@ class SequenceBatchNorm(nn.Module):
         else:
             mean, var, valid = _masked_statistics(x, mask)  # (T, C), (T, C), (T,)
             # steps with < 2 real sequences: fall back to the population statistics (module docstring)
-            pop_mean, pop_var = self._population(start, T)
+            pop_mean, pop_var = self.population(start, T)
             mean = torch.where(valid[:, None], mean, pop_mean)
             var = torch.where(valid[:, None], var, pop_var)
-            y = self._normalize_with(x, mean, var)
+            y = self.normalize_with(x, mean, var)
         if self.training:
-            self._update_running_stats(start, mean, var, valid)
+            self.record(start, mean, var, valid)
         return y
 
     def _normalize_shared(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Statistics shared over time: one (1, C) mean and variance over every real position of (T, B, C)."""
         T, B, C = x.shape
         if not (self.training or self.eval_statistics == "batch"):
-            mean, var = self._population(0, T)
-            return self._normalize_with(x, mean, var)
+            mean, var = self.population(0, T)
+            return self.normalize_with(x, mean, var)
         syncing = self.training and self.syncing()
         self.check_batch_statistics(0, T, max(B, 2) if syncing else B)
         flat = x.reshape(1, T * B, C)
@@ -216,16 +216,16 @@ class SequenceBatchNorm(nn.Module):
         pop_mean, pop_var = self.running_mean[:1], self.running_var[:1]
         mean = torch.where(valid[:, None], mean, pop_mean)
         var = torch.where(valid[:, None], var, pop_var)
-        y = self._normalize_with(x, mean.expand(T, -1), var.expand(T, -1))
+        y = self.normalize_with(x, mean.expand(T, -1), var.expand(T, -1))
         if self.training:
-            self._update_running_stats(0, mean.detach(), var.detach(), valid)
+            self.record(0, mean.detach(), var.detach(), valid)
         return y
 
     def syncing(self) -> bool:
         """True when training statistics are all-reduced: ``sync_statistics`` on and more than one process."""
         return self.sync_statistics and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _normalize_with(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    def normalize_with(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """γ (x - mean_t) / sqrt(var_t + ε) + β for x (T, B, C) and per-step statistics (T, C)."""
         y = (x - mean[:, None]) * torch.rsqrt(var[:, None] + self.eps)
         if self.weight is not None:
@@ -253,7 +253,7 @@ class SequenceBatchNorm(nn.Module):
         y = y.unsqueeze(0) if T == 1 else y.view(B, T, C).transpose(0, 1)
         return y, mean.detach().view(T, C), var.view(T, C)
 
-    def _population(self, start: int, T: int) -> tuple[Tensor, Tensor]:
+    def population(self, start: int, T: int) -> tuple[Tensor, Tensor]:
         """Population statistics for steps start … start+T-1, each step ≥ max_steps reusing step max_steps-1."""
         if self.shared_over_time:
             return self.running_mean[:1].expand(T, -1), self.running_var[:1].expand(T, -1)
@@ -262,7 +262,28 @@ class SequenceBatchNorm(nn.Module):
         idx = torch.arange(start, start + T, device=self.running_mean.device).clamp_(max=self.max_steps - 1)
         return self.running_mean[idx], self.running_var[idx]
 
-    def _update_running_stats(self, start: int, mean: Tensor, var: Tensor, valid: Tensor | None) -> None:
+    def affine(self, start: int, T: int) -> tuple[Tensor, Tensor]:
+        """This site with population statistics as an affine map per step: BN_t(v) = v * scale_t + shift_t for
+        steps start … start+T-1; (T, C) each (the fast paths fold it into their steps)."""
+        mean, var = self.population(start, T)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        return scale, shift if self.bias is None else shift + self.bias
+
+    def statistics(self) -> Literal["train", "batch", "population"]:
+        """Which statistics a forward uses now: ``"train"`` (batch statistics, recorded into the running statistics:
+        training, and the population-statistics estimation pass), ``"batch"`` (batch statistics, nothing recorded:
+        evaluation with ``eval_statistics="batch"``) or ``"population"``."""
+        if self.training:
+            return "train"
+        return "batch" if self.eval_statistics == "batch" else "population"
+
+    def record(self, start: int, mean: Tensor, var: Tensor, valid: Tensor | None = None) -> None:
+        """Fold a batch's per-step statistics (T, C) for steps start … start+T-1 into the running statistics
+        (``valid`` (T,) bool: steps to skip are False); collected and written later inside
+        :func:`deferred_statistics_updates`."""
         if self._deferred is not None:
             self._deferred.append((start, mean.detach(), var.detach(), valid))
         else:

@@ -17,7 +17,10 @@ The cell contract (one for every cell, the layer owns the time loop):
   one vectorized per-step BN);
 * :meth:`forward` takes that step's input term, the state ``(h, c)`` and the time index, and returns the new state
   (a cell without a memory, the tanh RNN, returns its ``c`` unchanged);
-* ``fast_paths`` says whether the layer may run the fused BN-LSTM kernels of :mod:`bnlstm_lit.nn.fused` for it.
+* ``fast_paths`` says whether the dispatcher (:mod:`bnlstm_lit.nn.dispatch`) may run the fused BN-LSTM paths for it.
+
+The equations themselves are the functions :func:`gates`, :func:`cell_update` and :func:`hidden`, which every
+PyTorch implementation of the step calls.
 """
 
 from __future__ import annotations
@@ -50,6 +53,27 @@ def site_gammas(owner: str, gamma_init: GammaInit, sites: tuple[str, ...] = GAMM
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{owner}: gamma_init for the {site} site must be a positive number, got {value!r}")
     return {site: float(value) for site, value in values.items()}
+
+
+# ---- the equations (Cooijmans et al. 2017, eqs. 6-8), written once: the reference loop, the eager fused path and
+# the population-statistics steps all call these; the native kernel is their C transcription (bnlstm_kernel.c).
+
+
+def gates(pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 6's activations of the pre-activations (B, 4H): σ(i), σ(f), tanh(g), σ(o), each (B, H) (gate order
+    i, f, g, o, torch.nn.LSTM's)."""
+    i, f, g, o = pre.chunk(4, dim=1)
+    return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+
+def cell_update(i: Tensor, f: Tensor, g: Tensor, c_prev: Tensor) -> Tensor:
+    """Eq. 7: c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g), from the activations of :func:`gates`."""
+    return f * c_prev + i * g
+
+
+def hidden(o: Tensor, c_normalized: Tensor) -> Tensor:
+    """Eq. 8: h_t = σ(o) ⊙ tanh(BN_t(c_t; γ_c, β_c)), given σ(o) and the normalized cell (the raw c_t is carried)."""
+    return o * torch.tanh(c_normalized)
 
 
 def _check_arguments(cell: str, input_size: int, hidden_size: int, recurrent_init: str, input_statistics: str) -> None:
@@ -171,11 +195,10 @@ class BNLSTMCell(nn.Module):
         wh = h @ self.weight_hh.t()  # (B, 4H)
         if self.bn_h is not None:
             wh = self.bn_h(wh, t, mask)
-        i, f, g, o = (wh + x_term).chunk(4, dim=1)  # eq. 6
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 7
+        i, f, g, o = gates(wh + x_term)  # eq. 6
+        c = cell_update(i, f, g, c)  # eq. 7
         c_out = c if self.bn_c is None else self.bn_c(c, t, mask)  # BN(c) on the output path only
-        h = torch.sigmoid(o) * torch.tanh(c_out)  # eq. 8
-        return h, c
+        return hidden(o, c_out), c  # eq. 8
 
 
 class BNRNNCell(nn.Module):

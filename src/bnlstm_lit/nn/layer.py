@@ -1,15 +1,18 @@
-"""The BN-LSTM layer: owns the time loop and the learned initial state; API of torch.nn.LSTM."""
+"""The BN-LSTM layer: the API of ``torch.nn.LSTM``, the stack of layers and directions, the learned initial state.
+
+Which implementation runs each layer is decided in one place, :mod:`bnlstm_lit.nn.dispatch`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from bnlstm_lit.nn import kernel as native
-from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates, set_sync_statistics
+from bnlstm_lit.nn import dispatch
+from bnlstm_lit.nn.batchnorm import set_sync_statistics
 from bnlstm_lit.nn.cell import BNLSTMCell, BNRNNCell
 from bnlstm_lit.nn.settings import (
     DEFAULTS,
@@ -20,7 +23,6 @@ from bnlstm_lit.nn.settings import (
     InputStatistics,
     RecurrentInit,
 )
-from bnlstm_lit.nn.fused import fused_recurrence, input_norm_recurrence, plain_lstm, population_recurrence
 
 IMPLEMENTATIONS = get_args(Implementation)
 BackwardReversal = Literal["unpadded", "padded"]
@@ -30,16 +32,18 @@ CELLS: dict[str, type[BNLSTMCell] | type[BNRNNCell]] = {"lstm": BNLSTMCell, "tan
 class BNLSTM(nn.Module):
     """Multi-layer batch-normalized LSTM (Cooijmans et al. 2017), a drop-in for ``torch.nn.LSTM``.
 
-    Per layer, W_x x_t is one matmul for all steps. The reference loop then normalizes it for all steps at once (one
-    vectorized per-step reduction) and steps through the recurrent matmul, its BN, the gates and BN(c_t); the fast
-    paths (``fused``, below) do the input term's per-step BN inside the native kernel's steps where it applies, and
-    there compute W_x x_t one matmul per chunk of 8 steps (forward, and its gradients backward), so that neither
-    W_x x nor its gradient exists as a (T, B, 4H) tensor.
+    Positional arguments in ``torch.nn.LSTM``'s order (``input_size, hidden_size, num_layers, bias, batch_first,
+    dropout, bidirectional``), the batch-norm options keyword-only; ``device=``/``dtype=`` as torch's modules. A
+    ``PackedSequence`` input gives a ``PackedSequence`` output; :meth:`from_lstm` builds the layer from an existing
+    ``nn.LSTM`` (weights copied, the two biases summed), which with ``normalize=False`` computes what it computes.
+    The settings a task declares come as one group, :class:`~bnlstm_lit.nn.settings.BNLSTMSettings`
+    (:meth:`from_settings`); the defaults below are its defaults.
 
     Args:
         input_size: I, features per step of the input.
         hidden_size: H.
         num_layers: stacked layers; layer l > 0 reads layer l-1's outputs.
+        bias: False: no bias b (fixed at 0, no forget bias), as ``torch.nn.LSTM(bias=False)``.
         batch_first: inputs and outputs are (B, T, ·) instead of (T, B, ·); states stay (L, B, H) as in torch.
         max_steps: T_max, steps with their own population statistics (the longest training sequence); evaluation on
             longer sequences reuses the statistics of step T_max-1.
@@ -53,30 +57,6 @@ class BNLSTM(nn.Module):
         h0_noise_std: std of Gaussian noise added to the learned h_0 in training (0.1 for unpermuted sequential
             MNIST, whose first ~100 constant inputs otherwise give zero batch variance); 0 disables it.
         dropout: dropout on the outputs of every layer but the last, as torch.nn.LSTM.
-        fused: use the fast paths where they apply (:mod:`bnlstm_lit.nn.fused`): in training, the BN-LSTM
-            recurrence as one autograd Function with a hand-written backward; in evaluation with population
-            statistics, each BN site folded into a per-step scale and shift; the plain LSTM (``normalize=False``)
-            through torch's fused LSTM kernel. With ``lengths`` the fast paths run on the batch sorted by length,
-            each run of steps with the same number of real sequences on those rows only (as packed sequences; for
-            the BN-LSTM a step with one real sequence normalized with population statistics, the rule of
-            :mod:`~bnlstm_lit.nn.batchnorm`), except with ``compile_steps`` or ``sync_statistics`` for the BN-LSTM.
-            False always runs the reference loop (the two agree to float rounding; tested).
-        compile_steps: in the fused BN-LSTM training path, run each chunk of steps through ``torch.compile``d code
-            (needs a C++ compiler on CPU, Triton on CUDA; compiles once per batch and hidden size, some seconds on
-            first use). Measured on CPU: faster at small steps (sequential-MNIST shape), slower at the PTB shape,
-            where the compiled code's matmul is MKL's rather than oneDNN's.
-        native_kernel: in the fused paths on float32 CPU tensors (training without ``compile_steps``, and evaluation
-            with population statistics without gradients), run each step's pointwise and batch-norm work -- the input
-            term's per-step batch norm included -- as one call into a small C kernel (:mod:`bnlstm_lit.nn.kernel`),
-            forward and backward, instead of some 14 torch ops forward and 25 backward (and the input term's
-            normalization as separate passes over a (T, B, 4H) tensor): the recurrent matmul stays torch's (oneDNN).
-            The kernel runs on torch's intra-op threads (OpenMP, results independent of their number). It is
-            compiled on first use with the system C compiler (``$CC``, else ``cc``; about a second) into a per-user
-            cache (``$BNLSTM_LIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnlstm_lit`` or ``~/.cache/bnlstm_lit``). Where
-            it cannot be built (no compiler; one warning per process), on other devices and dtypes (float64, CUDA),
-            under autocast for the input term (the recurrence itself runs in float32 there, through the kernel), and
-            with ``native_kernel=False`` or the environment variable ``BNLSTM_LIT_KERNEL=0``, the eager fused steps
-            run; all compute the same to float rounding (tested).
         bidirectional: a second direction per layer reads each sequence backwards -- with ``lengths``, only its
             unpadded part is reversed, so the backward direction starts at each sequence's last real step -- and
             the outputs of both directions are concatenated: (T, B, 2H). States are (num_layers * 2, B, H), layer
@@ -94,6 +74,14 @@ class BNLSTM(nn.Module):
         cell: ``"lstm"`` (the BN-LSTM) or ``"tanh"`` (the BN tanh RNN of the paper's Fig. 1,
             :class:`~bnlstm_lit.nn.cell.BNRNNCell`, reference loop only; its ``c`` state is carried unchanged and
             ``c0`` is a zero buffer, not a parameter).
+        implementation: ``"auto"`` (default) runs the fastest implementation that applies -- on float32 CPU the
+            native kernel (:mod:`bnlstm_lit.nn.native`; compiled on first use with the system C compiler, about a
+            second, into ``$BNLSTM_LIT_CACHE_DIR`` or ``~/.cache/bnlstm_lit``; ``BNLSTM_LIT_KERNEL=0`` turns it
+            off), elsewhere the eager fused recurrence, torch's fused LSTM for ``normalize=False``, with ``lengths``
+            on the batch sorted by length (:mod:`bnlstm_lit.nn.dispatch` says which runs when). ``"reference"``
+            always runs the readable time loop, which every fast path equals to float rounding (tested), and which
+            alone supports double backward; ``"eager"`` never the native kernel; ``"native"`` requires it.
+        device, dtype: where and in which precision the parameters and buffers are created.
 
     Diagnostics: with ``probe_hidden_grad = True`` (set by :class:`~bnlstm_lit.callbacks.GradientFlow`), a forward
     pass with gradients enabled runs the reference loop and adds a zero tensor ``probe`` (T, B, H) to every h_t,
@@ -160,9 +148,6 @@ class BNLSTM(nn.Module):
         self.dropout = dropout
         self.bias = bias
         self.implementation = implementation
-        self.fused = implementation != "reference"  # interim
-        self.native_kernel = implementation != "eager"  # interim
-        self.compile_steps = False  # interim
         self.cell = cell
         self.bidirectional = bidirectional
         self.input_statistics = input_statistics
@@ -214,6 +199,57 @@ class BNLSTM(nn.Module):
             max_steps=max_steps, **arguments,
         )  # fmt: skip
 
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, *, max_steps: int = 1000, normalize: bool = False, **options: Any) -> BNLSTM:
+        """A layer with the architecture and the weights of an existing ``torch.nn.LSTM`` (each layer's two biases
+        summed into b). With ``normalize=False`` (default) it computes what ``lstm`` computes, to float rounding;
+        with ``normalize=True`` it is a BN-LSTM started from those weights. ``options``: further keyword
+        arguments of the constructor (``max_steps`` included). ``proj_size`` is not supported."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"BNLSTM.from_lstm expects a torch.nn.LSTM, got {type(lstm).__name__}")
+        if lstm.proj_size:
+            raise ValueError(f"BNLSTM.from_lstm: an LSTM with projections (proj_size={lstm.proj_size}) is unsupported")
+        weight = lstm.weight_ih_l0
+        layer = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, float(lstm.dropout),
+            lstm.bidirectional, max_steps=max_steps, normalize=normalize, device=weight.device, dtype=weight.dtype,
+            **options,
+        )  # fmt: skip
+        layer.load_lstm_state_dict(lstm.state_dict())
+        return layer
+
+    def load_lstm_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Copy the weights of a ``torch.nn.LSTM`` state dict (``weight_ih_l{k}[_reverse]``, ``weight_hh_l{k}``,
+        ``bias_ih_l{k}`` + ``bias_hh_l{k}``) into this layer's cells; the learned initial state is set to zero (as
+        ``nn.LSTM``'s default state). Shapes must match; missing or unexpected keys are an error naming them."""
+        directions = 2 if self.bidirectional else 1
+        expected = set()
+        with torch.no_grad():
+            for index, cell in enumerate(self.cells):
+                layer, direction = divmod(index, directions)
+                suffix = f"l{layer}" + ("_reverse" if direction else "")
+                names = [f"weight_ih_{suffix}", f"weight_hh_{suffix}"]
+                if self.bias:
+                    names += [f"bias_ih_{suffix}", f"bias_hh_{suffix}"]
+                expected.update(names)
+                missing = [name for name in names if name not in state_dict]
+                if missing:
+                    raise KeyError(f"BNLSTM.load_lstm_state_dict: missing {missing}")
+                for name, target in zip(names[:2], (cell.weight_ih, cell.weight_hh), strict=True):
+                    if tuple(state_dict[name].shape) != tuple(target.shape):
+                        raise ValueError(
+                            f"BNLSTM.load_lstm_state_dict: {name} has shape {tuple(state_dict[name].shape)}, this "
+                            f"layer's is {tuple(target.shape)}"
+                        )
+                    target.copy_(state_dict[name])
+                if self.bias:
+                    cell.bias.copy_(state_dict[names[2]] + state_dict[names[3]])
+            unexpected = sorted(set(state_dict) - expected)
+            if unexpected:
+                raise KeyError(f"BNLSTM.load_lstm_state_dict: unexpected keys {unexpected}")
+            self.h0.zero_()
+            self.c0.zero_()
+
     def reset_parameters(self) -> None:
         for cell in self.cells:
             cell.reset_parameters()  # type: ignore[operator]
@@ -239,11 +275,14 @@ class BNLSTM(nn.Module):
 
     def forward(
         self,
-        input: Tensor,
+        input: Tensor | PackedSequence,
         state: tuple[Tensor, Tensor] | None = None,
         lengths: Tensor | Sequence[int] | None = None,
         start_step: int = 0,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    ) -> tuple[Any, tuple[Tensor, Tensor]]:
+        """input (T, B, I) [or (B, T, I)] or a ``PackedSequence`` -> (output, (h_n, c_n)); see the class docstring."""
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, state, lengths, start_step)
         x = self._check_input(input)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"BNLSTM: start_step must be a non-negative integer, got {start_step!r}")
@@ -274,15 +313,12 @@ class BNLSTM(nn.Module):
                 x_in = x if direction == 0 else _gather_time(x, reverse)
                 mask_in = mask if direction == 0 else reverse_mask
                 state_in = (h0[index], c0[index])
-                if probing:  # diagnostics: the reference loop with a zero probe on every h_t
+                probe = None
+                if probing:  # diagnostics: a zero probe on every h_t (the dispatcher runs the reference loop)
                     probe = x.new_zeros(T, B, self.hidden_size, requires_grad=True)
                     self.hidden_probes.append(probe)
-                    out, (h, c) = self._run_layer(cell, x_in, state_in, mask_in, start_step, probe)  # type: ignore[arg-type]
-                else:
-                    # with lengths: the fast paths run the batch sorted by length (_PackedSteps)
-                    fast = self.fused and cell.fast_paths
-                    run = self._run_layer_fused if fast else self._run_layer
-                    out, (h, c) = run(cell, x_in, state_in, mask_in, start_step)  # type: ignore[arg-type]
+                run = dispatch.run_layer
+                out, (h, c) = run(cell, x_in, state_in, mask_in, start_step, self.implementation, probe)
                 outputs.append(out if direction == 0 else _gather_time(out, reverse))  # back in input order
                 h_n.append(h)
                 c_n.append(c)
@@ -301,237 +337,24 @@ class BNLSTM(nn.Module):
             )
         return [p.grad.detach().norm(dim=-1).mean(dim=1) for p in self.hidden_probes]  # type: ignore[union-attr]
 
-    def _run_layer_fused(
-        self, cell: BNLSTMCell, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start: int = 0
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The fast paths of :mod:`bnlstm_lit.nn.fused` where they apply, else the reference loop.
-
-        With a mask (``lengths``) the BN-LSTM runs as :class:`_PackedSteps`: the batch sorted by length, each run of
-        steps with the same number of real sequences through the unmasked fast paths on those rows only. The
-        reference loop runs instead with ``compile_steps`` (a compiled function per run shape would recompile for
-        every batch) and with ``sync_statistics`` (as without a mask)."""
-        if not cell.normalize:  # the plain LSTM: torch's fused kernel, with a mask once per run of steps
-            if mask is None:
-                return plain_lstm(x, state, cell.weight_ih, cell.weight_hh, cell.bias)
-            packed_plain = _PackedSteps.of(mask)
-            if packed_plain is None:
-                return self._run_layer(cell, x, state, mask, start)
-            xs = packed_plain.pieces(x)
-
-            def run_plain(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                return plain_lstm(xs[index][:, :n], (h, c), cell.weight_ih, cell.weight_hh, cell.bias)
-
-            return packed_plain.run(run_plain, state)
-        bn_h, bn_c = cell.bn_h, cell.bn_c
-        assert bn_h is not None and bn_c is not None and bn_h.weight is not None and bn_c.weight is not None
-        if bn_c.bias is None or bn_h.eps != bn_c.eps:
-            return self._run_layer(cell, x, state, mask, start)
-        packed = None
-        if mask is not None:
-            packed = None if self.compile_steps else _PackedSteps.of(mask)
-            if packed is None:
-                return self._run_layer(cell, x, state, mask, start)
-        if not (cell.training or bn_h.training or bn_c.training):
-            if bn_h.eval_statistics != "population" or bn_c.eval_statistics != "population":
-                return self._run_layer(cell, x, state, mask, start)  # batch statistics in evaluation
-            return self._run_layer_population(cell, x, state, start, self.native_kernel, packed)
-        if not (cell.training and bn_h.training and bn_c.training):
-            return self._run_layer(cell, x, state, mask, start)  # sites in mixed modes
-        if bn_h.syncing() or bn_c.syncing():
-            return self._run_layer(cell, x, state, mask, start)  # statistics all-reduced over processes
-        T, B, _ = x.shape
-        bn_h.check_batch_statistics(start, T, B)
-        if packed is not None:
-            return self._run_layer_packed(cell, x, state, mask, start, packed)
-        bn_x = cell.bn_x
-        if self._kernel_input_norm(cell, x):  # the input term's batch norm inside the kernel's steps
-            assert bn_x is not None and bn_x.weight is not None
-            bn_x.check_batch_statistics(start, T, B)
-            outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
-                x, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_x.weight, cell.bias, bn_h.eps,
-                bn_x.eps, cell.weight_ih,
-            )  # fmt: skip
-            bn_x._update_running_stats(start, mean_x, var_x, None)
-            bn_h._update_running_stats(start, mean_h, var_h, None)
-            bn_c._update_running_stats(start, mean_c, var_c, None)
-            return outputs, final
-        x_terms = cell.input_term(x, None, start)  # (T, B, 4H), its own statistics kept by bn_x
-        outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
-            x_terms, state, cell.weight_hh, bn_h.weight, bn_c.weight, bn_c.bias, bn_h.eps, self.compile_steps,
-            self.native_kernel,
-        )  # fmt: skip
-        bn_h._update_running_stats(start, mean_h, var_h, None)
-        bn_c._update_running_stats(start, mean_c, var_c, None)
-        return outputs, final
-
-    def _kernel_input_norm(self, cell: BNLSTMCell, x: Tensor) -> bool:
-        """The training step can run the input term's per-step batch norm inside the native kernel: float32 CPU
-        without autocast, per-step input statistics (not ``input_statistics="sequence"``), not synchronized."""
-        bn_x = cell.bn_x
-        if not self.native_kernel or self.compile_steps or bn_x is None or bn_x.weight is None:
-            return False
-        if bn_x.bias is not None or bn_x.shared_over_time or not bn_x.training or bn_x.syncing():
-            return False
-        if torch.is_autocast_enabled(x.device.type):
-            return False
-        return native.usable(x, cell.weight_ih, cell.weight_hh, cell.bias, bn_x.weight)
-
-    def _run_layer_packed(
+    def _forward_packed(
         self,
-        cell: BNLSTMCell,
-        x: Tensor,
-        state: tuple[Tensor, Tensor],
-        mask: Tensor | None,
-        start: int,
-        packed: _PackedSteps,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Training with a mask: each run of steps with n >= 2 real sequences through the fused recurrence on those
-        n rows (their batch statistics are the masked statistics of the step), and steps with one real sequence
-        with population statistics, as :class:`SequenceBatchNorm` does, without updating them.
-
-        The input term: where the native kernel normalizes it (:meth:`_kernel_input_norm`: float32 CPU, per-step
-        input statistics), W_x x for the whole sequence up front and each run's BN_t(W_x x_t) + b inside the kernel's
-        steps (:func:`input_norm_recurrence` on the run's n rows; population statistics for steps with one real
-        sequence); else up front with masked statistics, as the reference loop computes it (the rule for steps with
-        fewer than two real sequences and ``input_statistics="sequence"`` included)."""
-        bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
-        assert bn_h is not None and bn_c is not None and bn_c.weight is not None and bn_c.bias is not None
-        assert bn_h.weight is not None
-        gamma_h, gamma_c, beta_c = bn_h.weight, bn_c.weight, bn_c.bias
-        input_norm = self._kernel_input_norm(cell, x)
-        with deferred_statistics_updates(cell):
-            if input_norm:  # the kernel computes and normalizes each run's input term W_x x_t
-                assert bn_x is not None and bn_x.weight is not None
-                bn_x.check_batch_statistics(start, x.shape[0], x.shape[1])
-                gamma_x = bn_x.weight
-                x_terms = packed.pieces(x)  # (K, B, I) per run, sorted
-            else:
-                x_terms = packed.pieces(cell.input_term(x, mask, start))
-
-            def run(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                x_n = x_terms[index][:, :n]
-                if n < 2:  # too few real sequences for batch statistics: population statistics (batchnorm.py)
-                    if input_norm:
-                        assert bn_x is not None
-                        wx_n = x_n @ cell.weight_ih.t()
-                        x_n = bn_x._normalize_with(wx_n, *bn_x._population(start + t0, x_n.shape[0])) + cell.bias
-                    return _population_statistics_steps(cell, x_n, (h, c), start + t0)
-                if input_norm:
-                    assert bn_x is not None
-                    outputs, final, (mean_h, var_h, mean_c, var_c), (mean_x, var_x) = input_norm_recurrence(
-                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, gamma_x, cell.bias, bn_h.eps, bn_x.eps,
-                        cell.weight_ih,
-                    )  # fmt: skip
-                    bn_x._update_running_stats(start + t0, mean_x, var_x, None)
-                else:
-                    outputs, final, (mean_h, var_h, mean_c, var_c) = fused_recurrence(
-                        x_n, (h, c), cell.weight_hh, gamma_h, gamma_c, beta_c, bn_h.eps, False,
-                        self.native_kernel,
-                    )  # fmt: skip
-                bn_h._update_running_stats(start + t0, mean_h, var_h, None)
-                bn_c._update_running_stats(start + t0, mean_c, var_c, None)
-                return outputs, final
-
-            return packed.run(run, state)
-
-    @staticmethod
-    def _run_layer_population(
-        cell: BNLSTMCell,
-        x: Tensor,
-        state: tuple[Tensor, Tensor],
-        start: int,
-        kernel: bool = True,
-        packed: _PackedSteps | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Evaluation with population statistics, each BN site folded into a per-step scale and shift; with
-        ``packed`` (a mask), each run of steps on its real rows of the batch sorted by length."""
-        bn_x, bn_h, bn_c = cell.bn_x, cell.bn_h, cell.bn_c
-        assert bn_x is not None and bn_h is not None and bn_c is not None
-        T = x.shape[0]
-
-        def scale_shift(bn: SequenceBatchNorm) -> tuple[Tensor, Tensor]:
-            """BN_t(v) = v * scale_t + shift_t with population statistics: (T, C) each (rows beyond max_steps reuse
-            the last step's statistics)."""
-            mean, var = bn._population(start, T)
-            scale = torch.rsqrt(var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -mean * scale
-            return scale, shift if bn.bias is None else shift + bn.bias
-
-        scale_x, shift_x = scale_shift(bn_x)
-        scale_h, shift_h = scale_shift(bn_h)
-        scale_c, shift_c = scale_shift(bn_c)
-        tensors = (x, cell.weight_ih, cell.weight_hh, scale_x, scale_h, scale_c, *state)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, cell.bias, shift_x, shift_h))
-        if kernel and not grad and not torch.is_autocast_enabled(x.device.type) and native.usable(*tensors):
-            # the input term folded into the kernel's steps too, W_x x_t computed a chunk of steps at a time: no
-            # (T, B, 4H) tensor
-            shift = shift_x + shift_h + cell.bias
-            if packed is None:
-                return native.population_kernel_recurrence(
-                    x, *state, cell.weight_hh, scale_x, shift, scale_h, scale_c, shift_c, cell.weight_ih
-                )
-            xs = packed.pieces(x)
-
-            def run_kernel(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                steps = slice(t0, t0 + xs[index].shape[0])
-                return native.population_kernel_recurrence(
-                    xs[index][:, :n], h, c, cell.weight_hh, scale_x[steps], shift[steps], scale_h[steps],
-                    scale_c[steps], shift_c[steps], cell.weight_ih,
-                )  # fmt: skip
-
-            return packed.run(run_kernel, state)
-        # BN_t(W_x x_t) + b + (the recurrent term's shift): one matmul and one fused pass over (T, B, 4H)
-        x_terms = torch.addcmul((shift_x + shift_h + cell.bias)[:, None], x @ cell.weight_ih.t(), scale_x[:, None])
-        if packed is None:
-            return population_recurrence(x_terms, state, cell.weight_hh, scale_h, scale_c, shift_c, kernel)
-        pieces = packed.pieces(x_terms)
-
-        def run(index: int, t0: int, n: int, h: Tensor, c: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            steps = slice(t0, t0 + pieces[index].shape[0])
-            return population_recurrence(
-                pieces[index][:, :n], (h, c), cell.weight_hh, scale_h[steps], scale_c[steps], shift_c[steps], kernel
-            )
-
-        return packed.run(run, state)
-
-    @staticmethod
-    def _run_layer(
-        cell: BNLSTMCell | BNRNNCell,
-        x: Tensor,
-        state: tuple[Tensor, Tensor],
-        mask: Tensor | None,
-        start: int = 0,
-        probe: Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The time loop of one layer: (T, B, I) -> output (T, B, H), final (h, c); row t is time step start + t.
-
-        ``probe`` (T, B, H) of zeros, if given, is added to every h_t (diagnostics: its gradient is dloss/dh_t)."""
-        # (T, B, 4H), hoisted out of the loop. unbind, not x_terms[t]: the backward of T separate index ops would
-        # build T full-size zero gradients (O(T^2) memory traffic), unbind's is one stack.
-        x_terms = cell.input_term(x, mask, start).unbind(0)
-        probes = [None] * len(x_terms) if probe is None else probe.unbind(0)
-        h, c = state
-        outputs = []
-        with deferred_statistics_updates(cell):  # running statistics written once after the loop, not per step
-            if mask is None:
-                for t, (x_t, p_t) in enumerate(zip(x_terms, probes, strict=True), start):
-                    h, c = cell(x_t, (h, c), t)
-                    if p_t is not None:
-                        h = h + p_t
-                    outputs.append(h)
-                return torch.stack(outputs), (h, c)
-            keep = mask[:, :, None]  # (T, B, 1): padded steps keep the previous state
-            steps = zip(x_terms, mask.unbind(0), keep.unbind(0), probes, strict=True)
-            for t, (x_t, m_t, keep_t, p_t) in enumerate(steps, start):
-                h_new, c_new = cell(x_t, (h, c), t, m_t)
-                h = torch.where(keep_t, h_new, h)
-                c = torch.where(keep_t, c_new, c)
-                if p_t is not None:
-                    h = h + p_t
-                outputs.append(h)
-            return torch.stack(outputs) * keep, (h, c)  # zero outputs at padded positions
+        packed: PackedSequence,
+        state: tuple[Tensor, Tensor] | None,
+        lengths: Tensor | Sequence[int] | None,
+        start_step: int,
+    ) -> tuple[PackedSequence, tuple[Tensor, Tensor]]:
+        """A ``PackedSequence`` input, as ``torch.nn.LSTM``: the same packing out, states in the batch's order."""
+        if lengths is not None:
+            raise ValueError("BNLSTM: a PackedSequence carries its lengths; do not pass lengths as well")
+        padded, packed_lengths = pad_packed_sequence(packed, batch_first=self.batch_first)  # batch in input order
+        out, final = self.forward(padded, state, packed_lengths, start_step)
+        batch_dim = 0 if self.batch_first else 1
+        if packed.sorted_indices is not None:  # the packing's order: longest first
+            out = out.index_select(batch_dim, packed.sorted_indices.to(out.device))
+            packed_lengths = packed_lengths[packed.sorted_indices.cpu()]
+        data = pack_padded_sequence(out, packed_lengths, batch_first=self.batch_first, enforce_sorted=True).data
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), final
 
     # ---- input checks: clear errors that name the problem ------------------------------------------------------
     def _check_input(self, input: Tensor) -> Tensor:
@@ -576,89 +399,6 @@ class BNLSTM(nn.Module):
             lo, hi = int(lengths.min()), int(lengths.max())
             raise ValueError(f"every length must be in [1, T={T}], got lengths from {lo} to {hi}")
         return torch.arange(T, device=device)[:, None] < lengths.to(device)[None, :]  # (T, B)
-
-
-class _PackedSteps:
-    """A masked batch as packed sequences: sorted by length (longest first), the real sequences of every step are a
-    prefix of the sorted batch -- for the forward direction and for both reversals of the backward direction (with
-    ``backward_reversal="padded"`` the padding comes first, so the prefix grows instead of shrinking). The steps then
-    run in runs of consecutive steps with the same number n of real sequences, each on the first n sorted rows: the
-    unmasked fast paths apply to a run as they are (a step's batch statistics over its n rows are the masked
-    statistics over the real positions), padded rows keep their state, and padded outputs are zero.
-
-    Attributes: order (B,), the batch sorted by length; inverse (B,), its inverse permutation; runs, (t0, t1, n) for
-    each run of steps t0 ... t1-1 with n real sequences.
-    """
-
-    def __init__(self, order: Tensor, inverse: Tensor, runs: list[tuple[int, int, int]]) -> None:
-        self.order = order
-        self.inverse = inverse
-        self.runs = runs
-
-    @classmethod
-    def of(cls, mask: Tensor) -> _PackedSteps | None:
-        """The runs of a (T, B) mask; None if some step's real positions are not a prefix of the sorted batch."""
-        T, B = mask.shape
-        order = torch.argsort(mask.sum(0), descending=True, stable=True)
-        sorted_mask = mask[:, order]
-        counts = sorted_mask.sum(1)  # (T,)
-        if not torch.equal(sorted_mask, torch.arange(B, device=mask.device)[None, :] < counts[:, None]):
-            return None
-        n = counts.tolist()
-        runs: list[tuple[int, int, int]] = []
-        t0 = 0
-        for t in range(1, T + 1):
-            if t == T or n[t] != n[t0]:
-                runs.append((t0, t, n[t0]))
-                t0 = t
-        return cls(order, torch.argsort(order), runs)
-
-    def pieces(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x (T, B, C) with its batch sorted, split into the runs' steps: (t1 - t0, B, C) each (split, not one
-        slice per run: the backward is one concatenation, not a zero-filled (T, B, C) gradient per run)."""
-        return x.index_select(1, self.order).split([t1 - t0 for t0, t1, _ in self.runs])
-
-    def run(
-        self, step: Callable[[int, int, int, Tensor, Tensor], tuple[Tensor, tuple[Tensor, Tensor]]],
-        state: tuple[Tensor, Tensor],
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:  # fmt: skip
-        """Run every run of steps: ``step(index, t0, n, h, c)`` with the (n, H) states of the first n sorted rows
-        returns that run's outputs (t1 - t0, n, H) and final state; runs without a real sequence are skipped. Returns
-        the outputs (T, B, H), zero at padded positions, and the final state, both in the input's batch order."""
-        h, c = (s.index_select(0, self.order) for s in state)
-        B, H = h.shape
-        outputs = []
-        for index, (t0, t1, n) in enumerate(self.runs):
-            if n == 0:
-                outputs.append(h.new_zeros(t1 - t0, B, H))
-                continue
-            out, (h_n, c_n) = step(index, t0, n, h[:n], c[:n])
-            if n < B:  # the other rows keep their state and output zeros
-                out = torch.cat([out, out.new_zeros(t1 - t0, B - n, H)], dim=1)
-                h_n, c_n = torch.cat([h_n, h[n:].to(h_n.dtype)]), torch.cat([c_n, c[n:].to(c_n.dtype)])
-            outputs.append(out)
-            h, c = h_n, c_n
-        out = outputs[0] if len(outputs) == 1 else torch.cat([o.to(outputs[-1].dtype) for o in outputs])
-        return out.index_select(1, self.inverse), (h.index_select(0, self.inverse), c.index_select(0, self.inverse))
-
-
-def _population_statistics_steps(
-    cell: BNLSTMCell, x_terms: Tensor, state: tuple[Tensor, Tensor], t: int
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Training steps t, t+1, ... of fewer than two real sequences (x_terms (K, n, 4H), n < 2): the recurrent term and
-    the cell normalized with their population statistics (SequenceBatchNorm's rule; no update), as the reference
-    loop does, differentiable (plain torch ops)."""
-    bn_h, bn_c = cell.bn_h, cell.bn_c
-    assert bn_h is not None and bn_c is not None
-    h, c = state
-    outputs = []
-    for k, x_t in enumerate(x_terms.unbind(0)):
-        wh = bn_h._normalize_with((h @ cell.weight_hh.t())[None], *bn_h._population(t + k, 1))[0]
-        i, f, g, o = (wh + x_t).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(bn_c._normalize_with(c[None], *bn_c._population(t + k, 1))[0])
-        outputs.append(h)
-    return torch.stack(outputs), (h, c)
 
 
 def _reversal_index(mask: Tensor | None, T: int, B: int, device: torch.device) -> Tensor:
