@@ -1,8 +1,9 @@
-"""The fast paths of BNLSTM (``bnlstm_lit.nn.fused``) equal the reference loop: outputs, every gradient, statistics.
+"""The fast paths of BNLSTM (``bnlstm_lit.nn.dispatch``) equal the reference loop: outputs, every gradient, statistics.
 
-``implementation="auto"`` (the default) runs the training-mode BN-LSTM recurrence as one autograd Function with a hand-written
-backward and the plain LSTM through torch's fused kernel; ``implementation="reference"`` always runs the readable reference loop
-(itself tested against SPEC §1 in test_bnlstm.py). Each test builds one model, deep-copies it, switches the copy to
+``implementation="auto"`` (the default) runs the BN-LSTM recurrence through a fused path (the native kernel on float32
+CPU, the eager autograd Function elsewhere) and the plain LSTM through torch's fused kernel;
+``implementation="reference"`` always runs the readable reference loop (itself tested against a transcription of the
+paper's equations in test_bnlstm.py). Each test builds one model, deep-copies it, switches the copy to
 ``implementation="reference"`` and compares the two.
 """
 

@@ -1,9 +1,9 @@
-"""The native step kernel (``bnlstm_lit.nn.kernel``) computes what the eager fused path and the reference loop compute,
+"""The native step kernel (``bnlstm_lit.nn.native``) computes what the eager fused path and the reference loop compute,
 and falls back to the eager path where it cannot be built.
 
 The kernel runs on float32 CPU tensors only. Each comparison builds one float32 model, deep-copies it twice
-(``implementation="eager"``: the eager fused steps; ``implementation="reference"``: the reference loop) and once more in float64 (the
-truth the float32 results are measured against).
+(``implementation="eager"``: the eager fused steps; ``implementation="reference"``: the reference loop) and once more
+in float64 (the truth the float32 results are measured against).
 """
 
 from __future__ import annotations
@@ -210,8 +210,8 @@ def test_kernel_population_eval_equals_eager_and_reference(batch, count_kernel_c
             out, (h, c) = m(x.to(next(m.parameters()).dtype), start_step=2)
             results[name] = (out, h, c)
     assert count_kernel_calls["eval"] == 2
-    for got, eager, ref, truth in zip(*(results[n] for n in ("kernel", "eager", "reference", "truth")), strict=True):
-        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    for got, by_eager, ref, truth in zip(*(results[n] for n in ("kernel", "eager", "reference", "truth")), strict=True):
+        torch.testing.assert_close(got, by_eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-6)
     models["kernel"](x.requires_grad_())

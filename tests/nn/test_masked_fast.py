@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bnlstm_lit.nn import BNLSTM, eager, native, reference
-from bnlstm_lit.nn import plain as plain_lstm
 from bnlstm_lit.nn import native_build as kernel_module
+from bnlstm_lit.nn import plain as plain_lstm
 
 #: (lengths, T): a length-1 sequence and one longest sequence (the last steps have one real sequence: the rule for
 #: fewer than two applies), all equal, T beyond the longest (steps without a real sequence), two equal longest.
@@ -275,8 +275,9 @@ def test_bf16_autocast_with_lengths_tracks_float32(calls):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_plain_lstm_with_lengths_runs_torch_kernel_per_run(reversal, dtype, monkeypatch, calls):
     """The LSTM baseline (normalize=False) with lengths runs torch's fused LSTM once per run of steps on the sorted
-    batch, not the reference loop, and equals the reference loop (implementation="reference"): outputs (zero at padding), h_n, c_n
-    and every gradient, bidirectional, two layers, both reversals, a length-1 sequence and a step with none."""
+    batch, not the reference loop, and equals the reference loop (implementation="reference"): outputs (zero at
+    padding), h_n, c_n and every gradient, bidirectional, two layers, both reversals, a length-1 sequence and a step
+    with none."""
     plain_calls = []
     plain_run = plain_lstm.run
     monkeypatch.setattr(plain_lstm, "run", lambda *a: plain_calls.append(a[0].shape) or plain_run(*a))

@@ -4,7 +4,7 @@ One :class:`SequenceBatchNorm` is one "BN site" of the recurrent network (the in
 W_h h_{t-1}, or the cell c_t). Its scale γ (and shift β, where the site has one) is shared over time; its statistics
 are not: training normalizes step t with the current minibatch's mean and *biased* variance at step t, and evaluation
 uses population statistics kept per step in one ``(max_steps, C)`` tensor per statistic. Steps ``t >= max_steps`` reuse
-the statistics of step ``max_steps - 1`` (SPEC §1 "Population statistics"), which is what lets a model trained on
+the statistics of step ``max_steps - 1`` (Cooijmans et al. 2017, §4), which is what lets a model trained on
 length-T sequences run on longer ones.
 
 Padding: an optional boolean mask (True = real position) excludes padded positions from every mean and variance.
@@ -328,7 +328,7 @@ class SequenceBatchNorm(nn.Module):
         self.running_var[rows] = self.running_var[rows] * (1 - rate) + var.to(self.running_var.dtype) * rate
 
     def fill_unseen_steps(self) -> None:
-        """Give steps that no batch reached the statistics of the last step that one did (SPEC §1: reuse T_max-1)."""
+        """Give steps that no batch reached the statistics of the last step that one did (reuse T_max-1)."""
         seen = (self.num_batches_tracked > 0).nonzero()
         if seen.numel() == 0:
             return

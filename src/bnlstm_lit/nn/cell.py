@@ -1,4 +1,4 @@
-"""The cells: one time step of the BN-LSTM (SPEC §1, Cooijmans et al. 2017, eqs. 6-8) and of the BN tanh RNN (the
+"""The cells: one time step of the BN-LSTM (Cooijmans et al. 2017, eqs. 6-8) and of the BN tanh RNN (the
 paper's Fig. 1 model).
 
 Gate order along the 4H axis is torch.nn.LSTM's: input i, forget f, candidate g, output o, so weights copy 1:1.
@@ -94,7 +94,7 @@ class BNLSTMCell(nn.Module):
         hidden_size: H.
         max_steps: number of time steps with their own population statistics (longest training sequence).
         normalize: False gives the plain LSTM baseline (no BN sites, no γ/β).
-        gamma_init: initial γ of every BN site (0.1, SPEC §1), or per site ``{"input": γ_x, "recurrent": γ_h,
+        gamma_init: initial γ of every BN site (0.1, the paper's value), or per site ``{"input": γ_x, "recurrent": γ_h,
             "cell": γ_c}`` (missing sites 0.1).
         eps: BN ε.
         momentum: rate of the running average of per-step statistics (0.01 MNIST, 0.05 language modelling in the

@@ -1,4 +1,4 @@
-"""The paper's population-statistics protocol (Cooijmans et al. 2017, §4; SPEC §1 "Population statistics")."""
+"""The paper's population-statistics protocol (Cooijmans et al. 2017, §4)."""
 
 from __future__ import annotations
 
