@@ -13,7 +13,7 @@ import pytest
 #: The offline data copies next to the checkout (../shared/data, SPEC §4). Tests never download.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# The native kernel (bnlstm_lit.nn.kernel) is built into a cache folder of this test session, not the user's
+# The native kernel (bnlstm_lit.nn.native_build) is built into a cache folder of this test session, not the user's
 # ~/.cache (collecting tests/nn/test_kernel.py already builds it), unless BNLSTM_LIT_CACHE_DIR is set. Set here, at
 # import, so that test modules and the CLI subprocesses the tests start see it; removed when the session ends.
 _KERNEL_CACHE = None
