@@ -209,7 +209,7 @@ class BNLSTM(nn.Module):
             raise TypeError(f"BNLSTM.from_lstm expects a torch.nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
             raise ValueError(f"BNLSTM.from_lstm: an LSTM with projections (proj_size={lstm.proj_size}) is unsupported")
-        weight = lstm.weight_ih_l0
+        weight: Tensor = lstm.weight_ih_l0  # type: ignore[assignment]
         layer = cls(
             lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, float(lstm.dropout),
             lstm.bidirectional, max_steps=max_steps, normalize=normalize, device=weight.device, dtype=weight.dtype,
@@ -235,7 +235,8 @@ class BNLSTM(nn.Module):
                 missing = [name for name in names if name not in state_dict]
                 if missing:
                     raise KeyError(f"BNLSTM.load_lstm_state_dict: missing {missing}")
-                for name, target in zip(names[:2], (cell.weight_ih, cell.weight_hh), strict=True):
+                targets: tuple[Tensor, Tensor] = (cell.weight_ih, cell.weight_hh)  # type: ignore[assignment]
+                for name, target in zip(names[:2], targets, strict=True):
                     if tuple(state_dict[name].shape) != tuple(target.shape):
                         raise ValueError(
                             f"BNLSTM.load_lstm_state_dict: {name} has shape {tuple(state_dict[name].shape)}, this "
@@ -243,7 +244,8 @@ class BNLSTM(nn.Module):
                         )
                     target.copy_(state_dict[name])
                 if self.bias:
-                    cell.bias.copy_(state_dict[names[2]] + state_dict[names[3]])
+                    bias: Tensor = cell.bias  # type: ignore[assignment]
+                    bias.copy_(state_dict[names[2]] + state_dict[names[3]])
             unexpected = sorted(set(state_dict) - expected)
             if unexpected:
                 raise KeyError(f"BNLSTM.load_lstm_state_dict: unexpected keys {unexpected}")

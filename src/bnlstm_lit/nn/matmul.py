@@ -36,7 +36,7 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     onednn = op is not None and not _state.get("no_onednn")
     if onednn and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
         try:
-            return op(x, weight, None, "none", [], "")  # type: ignore[operator]
+            return op(x, weight, None, "none", [], "")  # type: ignore[operator,misc]
         except RuntimeError:  # an op of another build that does not take these inputs: fall back for good
             _state["no_onednn"] = True
     return torch.mm(x, weight.t())

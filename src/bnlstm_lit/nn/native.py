@@ -278,6 +278,7 @@ def _recurrence_backward_op(
         dweight_ih = torch.zeros_like(weight_ih) if need_weight_ih else None
         weight_ih_t = weight_ih.t().contiguous() if need_x else None
     else:
+        assert dpre is not None
         per_step.update(dpre=dpre)
         if input_bn:
             per_step.update(x=x_in)
