@@ -38,8 +38,10 @@ from bnlstm_lit.data.cnn import (
     format_question,
     names_digest,
     parse_question,
+    preprocess,
     read_test_list,
     select_sentences,
+    synthetic,
     synthetic_corpus,
 )
 
@@ -175,15 +177,15 @@ def loaded(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> CNNQuestio
 
 @pytest.fixture
 def count_parses(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts the calls of cnn.parse_question (the cache builder's only way to read a question file)."""
+    """Counts the calls of parse_question by the cache builder (its only way to read a question file)."""
     calls: Counter[str] = Counter()
-    original = cnn.parse_question
+    original = preprocess.parse_question
 
     def counting(path: Any, **kwargs: Any) -> Question:
         calls["parse"] += 1
         return original(path, **kwargs)
 
-    monkeypatch.setattr(cnn, "parse_question", counting)
+    monkeypatch.setattr(preprocess, "parse_question", counting)
     return calls
 
 
@@ -575,7 +577,7 @@ def test_entity_shuffle_is_a_consistent_bijection(loaded: CNNQuestions, corpus: 
         assert sorted(shuffled.candidates.tolist()) == sorted(mapping[c] for c in plain.candidates.tolist())
         changed += mapping != {k: k for k in mapping}
         # the synthetic rule still answers it: the entity right after the question's cue word
-        cue = next(t for t in parse_question(corpus / "questions/training" / names[i]).query if t in cnn._CUES)
+        cue = next(t for t in parse_question(corpus / "questions/training" / names[i]).query if t in synthetic._CUES)
         tokens = loaded.decode(shuffled.context)
         assert tokens[tokens.index(cue) + 1] == f"@entity{shuffled.answer}"
         # deterministic per (seed, epoch, example); another epoch relabels differently
@@ -678,7 +680,7 @@ def test_synthetic_corpus_follows_its_rule(corpus: Path) -> None:
     for folder in SPLIT_FOLDERS.values():
         for path in (corpus / "questions" / folder).iterdir():
             q = parse_question(path)  # exact format, named by SHA-1
-            (cue,) = [t for t in q.query if t in cnn._CUES]
+            (cue,) = [t for t in q.query if t in synthetic._CUES]
             assert q.context.count(cue) == 1
             cue_right += q.context[q.context.index(cue) + 1] == q.answer
             counts = Counter(t for t in q.context if t.startswith("@entity"))
@@ -698,7 +700,7 @@ def test_short_synthetic_corpus_keeps_the_rule_with_bounded_lengths(tmp_path: Pa
         n = len(q.entities)
         assert len(q.context) == 4 * n + 3 * n and len(q.query) == 3 and q.query[2] == "@placeholder"
         cue = q.query[1]
-        assert cue in cnn._CUES and q.context[q.context.index(cue) + 1] == q.answer
+        assert cue in synthetic._CUES and q.context[q.context.index(cue) + 1] == q.answer
     with pytest.raises(ValueError, match="max_filler >= 1"):
         synthetic_corpus(tmp_path / "bad", 1, 0, 0, max_filler=0)
 
