@@ -17,23 +17,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from bnlstm_lit.data.charlm import CharVocabulary, ExampleStarts, SampleRequest, TextBatch, TokenStream
 from bnlstm_lit.data.download import file_md5
-from bnlstm_lit.data.text import (
+from bnlstm_lit.data.ptb import (
     PTB_CHAR_FILES,
     PTB_SYMBOLS,
     PTB_WORD_FILES,
-    TEXT8_SYMBOLS,
-    CharVocabulary,
-    ExampleStarts,
     PTBChar,
-    SampleRequest,
-    Text8,
-    TextBatch,
-    TextFiles,
-    TokenStream,
     read_ptb_char_file,
     read_ptb_word_file,
 )
+from bnlstm_lit.data.text8 import TEXT8_SYMBOLS, Text8
+from bnlstm_lit.data.textfiles import TextFiles
 
 PTB_FILES = {**PTB_CHAR_FILES, **PTB_WORD_FILES}  # the six Mikolov files -> md5
 PTB_SIZES = {"train": 5_017_482, "valid": 393_042, "test": 442_423}

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnlstm_lit.data.text import SampleRequest, TextBatch, TextFiles
+from bnlstm_lit.data.charlm import SampleRequest, TextBatch
+from bnlstm_lit.data.textfiles import TextFiles
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import CharLanguageModel
 from quiet import quiet_trainer

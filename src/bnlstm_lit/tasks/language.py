@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from bnlstm_lit.data.text import SampleRequest, TextBatch
+from bnlstm_lit.data.charlm import SampleRequest, TextBatch
 from bnlstm_lit.metrics import BitsPerCharacter
 from bnlstm_lit.models import CharRNN
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
