@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from bnlstm_lit.data.charlm import CharVocabulary, ExampleStarts, SampleRequest, TextBatch, TokenStream
+from bnlstm_lit.data.charlm import CharVocabulary, ExampleStarts, Protocol, SampleRequest, TextBatch, TokenStream
 from bnlstm_lit.data.download import file_md5
 from bnlstm_lit.data.ptb import (
     PTB_CHAR_FILES,
@@ -320,7 +320,7 @@ def test_paper_batches_are_windows_of_the_split(ptb_dm: PTBChar) -> None:
     assert isinstance(batch, TextBatch)
     assert batch.inputs.shape == batch.targets.shape == (64, 100)
     assert batch.inputs.dtype == batch.targets.dtype == torch.int64
-    assert (batch.carry, batch.start_step, batch.tag) == (False, 0, "")
+    assert (batch.carry, batch.start_step, batch.protocol) == (False, 0, Protocol.split())
     assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:])
     for row, start in enumerate(starts):
         assert torch.equal(batch.inputs[row], tokens[start : start + 100].long())
@@ -437,7 +437,7 @@ def test_full_protocol_reads_the_test_split_once(ptb_dir: Path, ptb_dm: PTBChar)
     dm.splits = ptb_dm.splits  # same files: skip reading them again
     batches = list(dm.test_dataloader())
     assert len(batches) == 443  # 442,422 steps: 442 chunks of 1000 and one of 422
-    assert all(b.inputs.shape[0] == 1 and b.tag == "full" for b in batches)
+    assert all(b.inputs.shape[0] == 1 and b.protocol == Protocol.full() for b in batches)
     assert [b.inputs.shape[1] for b in batches] == [1000] * 442 + [422]
     assert [b.start_step for b in batches] == [1000 * k for k in range(443)]
     assert [b.carry for b in batches] == [False] + [True] * 442
@@ -463,10 +463,12 @@ def test_sweep_protocol_gives_one_loader_per_length(tmp_path: Path) -> None:
     loaders = dm.test_dataloader()
     assert isinstance(loaders, list) and len(loaders) == 2
     for loader, L, count in zip(loaders, (100, 300), (10, 3), strict=True):
-        rows = [(b.tag, inputs, targets) for b in loader for inputs, targets in zip(b.inputs, b.targets, strict=True)]
+        rows = [
+            (b.protocol, inputs, targets) for b in loader for inputs, targets in zip(b.inputs, b.targets, strict=True)
+        ]
         assert len(rows) == count
-        for k, (tag, inputs, targets) in enumerate(rows):
-            assert tag == f"L{L}" and inputs.shape == (L,)
+        for k, (protocol, inputs, targets) in enumerate(rows):
+            assert protocol == Protocol("length", L) and protocol.length == L and inputs.shape == (L,)
             assert torch.equal(inputs, tokens[k * L : k * L + L])
             assert torch.equal(targets, tokens[k * L + 1 : k * L + L + 1])
 
@@ -477,7 +479,7 @@ def test_examples_protocol_cuts_the_test_split_like_validation(tmp_path: Path) -
     loader = dm.test_dataloader()
     assert isinstance(loader, DataLoader) and len(loader) == 20  # 100 examples of 10
     first = next(iter(loader))
-    assert first.tag == "" and first.inputs.shape == (5, 10)
+    assert first.protocol.kind == "split" and first.inputs.shape == (5, 10)
     assert torch.equal(first.inputs.flatten(), tokens[:50])  # offset 0, in order
     assert torch.equal(next(iter(dm.val_dataloader())).inputs.flatten(), dm.splits["valid"][:50].long())
 

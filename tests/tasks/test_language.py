@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from bnlstm_lit.data.charlm import SampleRequest, TextBatch
+from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.data.textfiles import TextFiles
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import CharLanguageModel
+from bnlstm_lit.tasks.language import protocol_metric_name
 from quiet import quiet_trainer
 
 pytestmark = [
@@ -191,7 +194,7 @@ def test_full_protocol_value_does_not_depend_on_the_number_of_processes(in_tmp_p
         for rank in range(2):
             dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)  # what _rank_world reads under DDP
             for batch in dm.test_dataloader():
-                assert batch.tag == "full"
+                assert batch.protocol == Protocol.full()
                 logits = model._run(batch, f"test_full_rank{rank}")
                 nats += F.cross_entropy(logits.flatten(0, 1).double(), batch.targets.flatten(), reduction="sum")
                 count += batch.targets.numel()
@@ -206,14 +209,14 @@ def test_full_protocol_uses_population_statistics_even_when_evaluation_uses_batc
     set_eval_statistics(model, "batch")
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     seq = tokens(11)[None]
-    model._evaluate(TextBatch(seq[:, :10], seq[:, 1:11], tag="full"), "test")
+    model._evaluate(TextBatch(seq[:, :10], seq[:, 1:11], protocol=Protocol.full()), "test")
     metric = model.protocol_metrics["test_bpc_full"]
     set_eval_statistics(model, "population")
     expected = bpc_by_hand(model(seq[:, :10])[0], seq[:, 1:])
     torch.testing.assert_close(metric.compute(), expected.detach(), **TOL)
     # the task's own statistics are back afterwards
     assert {site.eval_statistics for site in batchnorm_sites(model)} == {"population"}  # set just above
-    model._evaluate(TextBatch(seq[:, :10], seq[:, 1:11], tag="full"), "test")
+    model._evaluate(TextBatch(seq[:, :10], seq[:, 1:11], protocol=Protocol.full()), "test")
     assert {site.eval_statistics for site in batchnorm_sites(model)} == {"batch"}
 
 
@@ -315,6 +318,60 @@ def test_sweep_statistics_choose_the_logged_names(in_tmp_path: Path) -> None:
     trainer = quiet_trainer()
     trainer.test(model, datamodule=dm, verbose=False)
     assert set(trainer.callback_metrics) == {"test/bpc_L5_batch"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the typed protocol of a batch names the metrics
+
+
+def test_protocols_of_the_loaders_give_the_metric_names_of_before(in_tmp_path: Path) -> None:
+    """Each test protocol's batches carry a typed Protocol; the names it gives are exactly the names logged before
+    the protocol was typed (when batches carried the strings "", "full" and "L{n}")."""
+    before = {
+        "examples": {"test/bpc"},
+        "full": {"test/bpc_full"},
+        "sweep": {f"test/bpc_L{n}_{s}" for n in (4, 9, 30) for s in ("population", "batch")},
+    }
+    for test_protocol, expected in before.items():
+        dm = corpus(in_tmp_path, test_protocol=test_protocol, sweep_lengths=[4, 9, 30], eval_batch_size=8)
+        dm.setup("test")
+        loaders = dm.test_dataloader()
+        protocols = {
+            batch.protocol for loader in (loaders if isinstance(loaders, list) else [loaders]) for batch in loader
+        }
+        names = set()
+        for protocol in protocols:
+            assert isinstance(protocol, Protocol)
+            if protocol.kind == "length":
+                names |= {protocol_metric_name("test", protocol, s) for s in ("population", "batch")}
+            else:
+                names.add(protocol_metric_name("test", protocol))
+        assert names == expected, test_protocol
+    for split in ("train", "val", "test"):
+        assert protocol_metric_name(split, Protocol.split()) == f"{split}/bpc"
+    assert protocol_metric_name("test", Protocol.sweep(100), "batch") == "test/bpc_L100_batch"
+    with pytest.raises(ValueError, match="statistics"):
+        protocol_metric_name("test", Protocol.sweep(100))
+
+
+def test_protocol_is_checked_and_survives_the_device_transfer() -> None:
+    assert Protocol() == Protocol.split() == ("split", None) and Protocol.full() == ("full", None)
+    assert Protocol.sweep(7) == Protocol("length", 7) and Protocol.sweep(7).length == 7
+    for kwargs, match in [
+        ({"kind": "L100"}, "'split', 'full' or 'length'"),
+        ({"kind": "length"}, "sweep length"),
+        ({"kind": "length", "length": 0}, "sweep length"),
+        ({"kind": "length", "length": True}, "sweep length"),
+        ({"kind": "full", "length": 100}, "only a 'length' protocol"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Protocol(**kwargs)
+    seq = tokens(11)[None]
+    batch = TextBatch(seq[:, :10], seq[:, 1:], protocol=Protocol.sweep(10))
+    moved = move_data_to_device(batch, torch.device("cpu"))  # what Lightning does to every batch
+    assert isinstance(moved, TextBatch) and moved.protocol == Protocol.sweep(10)
+    assert type(moved.protocol) is Protocol
+    assert pickle.loads(pickle.dumps(batch)).protocol == Protocol.sweep(10)  # worker processes
 
 
 # ---------------------------------------------------------------------------------------------------------------------

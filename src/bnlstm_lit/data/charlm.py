@@ -22,7 +22,8 @@ Test protocols (``test_protocol``), logged under distinct names by :class:`~bnls
   population and batch statistics; paper Fig. 3b).
 
 Every batch is a :class:`TextBatch`: int64 inputs and targets (B, T) -- the targets are the inputs shifted by one --
-plus whether it continues the previous batch's state, the time index of its first step and its protocol tag.
+plus whether it continues the previous batch's state, the time index of its first step and its :class:`Protocol`
+(what it is evaluated for: the split's plain metric, the full test sequence, or one length of the sweep).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from bnlstm_lit.data.base import SequenceDataModule, check_int, loader_generator
 
 __all__ = [
+    "SPLIT_PROTOCOL",
     "CharCorpus",
     "CharVocabulary",
     "ExampleCollate",
@@ -48,6 +50,8 @@ __all__ = [
     "ExampleStarts",
     "Mode",
     "SampleRequest",
+    "Protocol",
+    "ProtocolKind",
     "TestProtocol",
     "TextBatch",
     "TokenStream",
@@ -62,6 +66,7 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 
 Mode = Literal["paper", "stateful"]
 TestProtocol = Literal["examples", "full", "sweep"]
+ProtocolKind = Literal["split", "full", "length"]
 SPLITS = ("train", "valid", "test")
 
 
@@ -145,6 +150,57 @@ def read_bytes(path: Path, what: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ batches
 
 
+class _ProtocolFields(NamedTuple):
+    kind: ProtocolKind
+    length: int | None
+
+
+class Protocol(_ProtocolFields):
+    """What a batch is evaluated for -- a typed field of every :class:`TextBatch`, read by the task to name its metrics.
+
+    * ``Protocol.split()`` (kind ``"split"``): the split's plain metric -- training, validation and the ``"examples"``
+      test protocol (``{split}/bpc``);
+    * ``Protocol.full()`` (kind ``"full"``): the whole test split as one sequence (``test/bpc_full``);
+    * ``Protocol.sweep(n)`` (kind ``"length"``, ``length=n``): the length sweep's examples of ``n`` symbols
+      (``test/bpc_L{n}_population`` and ``test/bpc_L{n}_batch``).
+
+    A NamedTuple, so it is immutable and survives Lightning's device transfer and ``pin_memory`` as it is (a frozen
+    dataclass inside a batch is refused by Lightning's ``apply_to_collection``). ``length`` is set for ``"length"``
+    and only there.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, kind: ProtocolKind = "split", length: int | None = None) -> Protocol:
+        if kind not in ("split", "full", "length"):
+            raise ValueError(f"a protocol's kind is 'split', 'full' or 'length', got {kind!r}")
+        if kind == "length":
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError(f"a 'length' protocol needs the sweep length, an integer >= 1, got {length!r}")
+        elif length is not None:
+            raise ValueError(f"only a 'length' protocol has a length, got kind {kind!r} with length {length!r}")
+        return super().__new__(cls, kind, length)
+
+    @classmethod
+    def split(cls) -> Protocol:
+        """The split's plain metric (training, validation, the ``"examples"`` test)."""
+        return cls("split")
+
+    @classmethod
+    def full(cls) -> Protocol:
+        """The whole test split as one sequence."""
+        return cls("full")
+
+    @classmethod
+    def sweep(cls, length: int) -> Protocol:
+        """The length sweep's examples of ``length`` symbols."""
+        return cls("length", length)
+
+
+#: The protocol of plain batches (training, validation, the "examples" test).
+SPLIT_PROTOCOL = Protocol.split()
+
+
 class TextBatch(NamedTuple):
     """One batch of a character corpus.
 
@@ -155,14 +211,14 @@ class TextBatch(NamedTuple):
             starts from the previous batch's final state, detached.
         start_step: time index of the first step (selects the per-step BN statistics; steps beyond the trained
             length reuse the last statistics).
-        tag: protocol tag, part of the logged metric names ("" for the split's plain metric, "full", "L100", ...).
+        protocol: what the batch is evaluated for (:class:`Protocol`), which names the logged metrics.
     """
 
     inputs: Tensor
     targets: Tensor
     carry: bool = False
     start_step: int = 0
-    tag: str = ""
+    protocol: Protocol = SPLIT_PROTOCOL
 
 
 def _as_is(text: str) -> str:
@@ -204,13 +260,13 @@ class ExampleDataset(Dataset[Tensor]):
 class ExampleCollate:
     """Windows uint8 (B, L+1) -> a :class:`TextBatch` with inputs ``w[:, :-1]`` and targets ``w[:, 1:]``."""
 
-    def __init__(self, tag: str = "") -> None:
-        self.tag = tag
+    def __init__(self, protocol: Protocol = SPLIT_PROTOCOL) -> None:
+        self.protocol = protocol
 
     def __call__(self, batch: Tensor | list[Tensor]) -> TextBatch:
         windows = torch.stack(batch) if isinstance(batch, list) else batch  # (B, L+1)
         windows = windows.long()
-        return TextBatch(windows[:, :-1], windows[:, 1:], tag=self.tag)
+        return TextBatch(windows[:, :-1], windows[:, 1:], protocol=self.protocol)
 
 
 class ExampleStarts(Sampler[int]):
@@ -275,7 +331,7 @@ class TokenStream(IterableDataset[TextBatch]):
         continue_time: number the steps of batch k from k*L (one long sequence: the full-test protocol); False
             restarts the time index at 0 every batch (stateful training, whose statistics cover L steps).
         drop_last: drop a final chunk shorter than L (training); False keeps it (evaluation reads every symbol).
-        tag: protocol tag of the batches.
+        protocol: the :class:`Protocol` of the batches.
     """
 
     def __init__(
@@ -287,7 +343,7 @@ class TokenStream(IterableDataset[TextBatch]):
         world_size: int = 1,
         continue_time: bool = False,
         drop_last: bool = True,
-        tag: str = "",
+        protocol: Protocol = SPLIT_PROTOCOL,
     ) -> None:
         rows = batch_size * world_size
         self.row_length = (len(tokens) - 1) // rows  # inputs per row; the row's targets reach one symbol further
@@ -303,7 +359,7 @@ class TokenStream(IterableDataset[TextBatch]):
         self.chunk_length = chunk_length
         self.continue_time = continue_time
         self.drop_last = drop_last
-        self.tag = tag
+        self.protocol = protocol
 
     def __len__(self) -> int:
         full, rest = divmod(self.row_length, self.chunk_length)
@@ -322,7 +378,9 @@ class TokenStream(IterableDataset[TextBatch]):
             stop = min(start + L, self.row_length)
             inputs = self.rows[:, start:stop].long()  # (B, L)
             targets = self.rows[:, start + 1 : stop + 1].long()
-            yield TextBatch(inputs, targets, carry=k > 0, start_step=start if self.continue_time else 0, tag=self.tag)
+            yield TextBatch(
+                inputs, targets, carry=k > 0, start_step=start if self.continue_time else 0, protocol=self.protocol
+            )
 
 
 def _only_item(items: list[SampleRequest]) -> SampleRequest:
@@ -544,7 +602,9 @@ class CharCorpus(SequenceDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _examples(self, tokens: Tensor, length: int, batch_size: int, train: bool, tag: str = "") -> DataLoader:
+    def _examples(
+        self, tokens: Tensor, length: int, batch_size: int, train: bool, protocol: Protocol = SPLIT_PROTOCOL
+    ) -> DataLoader:
         sampler = ExampleStarts(len(tokens), length, random_offset=train, seed=self.seed)
         if train:
             self.prepare_train_sampler(sampler, batch_size)
@@ -561,16 +621,22 @@ class CharCorpus(SequenceDataModule):
             drop_last=train or len(sampler) % batch_size == 1,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=ExampleCollate(tag),
+            collate_fn=ExampleCollate(protocol),
             generator=loader_generator(self.seed),
         )
 
     def _stream(
-        self, tokens: Tensor, batch_size: int, length: int, train: bool, continue_time: bool = False, tag: str = ""
+        self,
+        tokens: Tensor,
+        batch_size: int,
+        length: int,
+        train: bool,
+        continue_time: bool = False,
+        protocol: Protocol = SPLIT_PROTOCOL,
     ) -> DataLoader:
         rank, world = self._rank_world()
         return self._stream_loader(
-            TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, tag=tag)
+            TokenStream(tokens, batch_size, length, rank, world, continue_time, drop_last=train, protocol=protocol)
         )
 
     def _stream_loader(self, stream: TokenStream) -> DataLoader:
@@ -605,13 +671,14 @@ class CharCorpus(SequenceDataModule):
             return self._stream_loader(
                 TokenStream(
                     self._split("test", "test"), 1, self.full_chunk_length, continue_time=True, drop_last=False,
-                    tag="full",
+                    protocol=Protocol.full(),
                 )
             )  # fmt: skip
         if self.test_protocol == "sweep":
             tokens = self._split("test", "test")
             return [
-                self._examples(tokens, L, self.eval_batch_size, train=False, tag=f"L{L}") for L in self.sweep_lengths
+                self._examples(tokens, L, self.eval_batch_size, train=False, protocol=Protocol.sweep(L))
+                for L in self.sweep_lengths
             ]
         return self._evaluation("test", "test")
 

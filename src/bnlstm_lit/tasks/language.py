@@ -7,9 +7,10 @@ itself decides how it is run:
   chunks of the full-test protocol); otherwise from the learned initial state (paper mode);
 * ``start_step`` -- the time index of the first step (the full-test protocol numbers its steps through the whole
   test split, so steps beyond the trained length use the statistics of step T_max-1);
-* ``tag`` -- the protocol: ``""`` logs ``{split}/bpc``; ``"full"`` logs ``test/bpc_full`` (population statistics,
-  the paper's Table 2); ``"L{n}"`` (the length sweep) logs ``test/bpc_L{n}_population`` and ``test/bpc_L{n}_batch``,
-  each batch run once with each kind of statistics (paper Fig. 3b).
+* ``protocol`` -- a :class:`~bnlstm_lit.data.charlm.Protocol` (:func:`protocol_metric_name`): kind ``"split"`` logs
+  ``{split}/bpc``; ``"full"`` logs ``test/bpc_full`` (population statistics, the paper's Table 2); ``"length"`` (the
+  length sweep, ``protocol.length = n``) logs ``test/bpc_L{n}_population`` and ``test/bpc_L{n}_batch``, each batch run
+  once with each kind of statistics (paper Fig. 3b).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from bnlstm_lit.data.charlm import SampleRequest, TextBatch
+from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.metrics import BitsPerCharacter
 from bnlstm_lit.models import CharRNN
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
@@ -30,6 +31,18 @@ from bnlstm_lit.nn.cell import GammaInit, RecurrentInit
 from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
 
 State = tuple[Tensor, Tensor]
+
+
+def protocol_metric_name(split: str, protocol: Protocol, statistics: EvalStatistics | None = None) -> str:
+    """The name a batch's bits per character is logged under: ``{split}/bpc`` (kind ``"split"``),
+    ``{split}/bpc_full`` (``"full"``), ``{split}/bpc_L{n}_{statistics}`` (``"length"``, one per kind of statistics)."""
+    if protocol.kind == "split":
+        return f"{split}/bpc"
+    if protocol.kind == "full":
+        return f"{split}/bpc_full"
+    if statistics is None:
+        raise ValueError("a length-sweep metric is named by its statistics ('population' or 'batch'), got None")
+    return f"{split}/bpc_L{protocol.length}_{statistics}"
 
 
 class CharLanguageModel(BNLSTMTask):
@@ -156,18 +169,19 @@ class CharLanguageModel(BNLSTMTask):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: TextBatch, split: str) -> None:
-        if batch.tag == "":
+        protocol = batch.protocol
+        if protocol.kind == "split":
             logits = self._run(batch, split)
             metric: BitsPerCharacter = getattr(self, f"{split}_bpc")
             metric.update(logits, batch.targets)
             loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
             self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch.targets.numel(), sync_dist=True)
-            self.log(f"{split}/bpc", metric, prog_bar=True)
-        elif batch.tag == "full":
+            self.log(protocol_metric_name(split, protocol), metric, prog_bar=True)
+        elif protocol.kind == "full":
             # batch 1 through the whole split: only population statistics exist for it
             with _statistics(self, "population"):
                 logits = self._run(batch, f"{split}_full")
-            self._log_protocol(f"{split}/bpc_full", logits, batch.targets)
+            self._log_protocol(protocol_metric_name(split, protocol), logits, batch.targets)
         else:
             # the length sweep: every batch with each kind of statistics (the LSTM has none: one pass serves all)
             has_bn = bool(batchnorm_sites(self))
@@ -175,8 +189,8 @@ class CharLanguageModel(BNLSTMTask):
             for statistics in self.sweep_statistics:
                 if has_bn or logits is None:
                     with _statistics(self, statistics):
-                        logits = self._run(batch, f"{split}_{batch.tag}")
-                self._log_protocol(f"{split}/bpc_{batch.tag}_{statistics}", logits, batch.targets)
+                        logits = self._run(batch, f"{split}_L{protocol.length}")
+                self._log_protocol(protocol_metric_name(split, protocol, statistics), logits, batch.targets)
 
     def _log_protocol(self, name: str, logits: Tensor, targets: Tensor) -> None:
         key = name.replace("/", "_")
