@@ -273,10 +273,10 @@ def test_language_model_test_protocols_and_sampling_from_a_checkpoint(
         config,
         tmp_path / "predict",
         f"--ckpt_path={ckpt}",
-        "--data.init_args.prime=the ",
-        "--data.init_args.sample_length=30",
-        "--data.init_args.num_samples=2",
-        "--data.init_args.temperature=0.5",
+        "--model.init_args.prime=the ",
+        "--model.init_args.sample_length=30",
+        "--model.init_args.num_samples=2",
+        "--model.init_args.temperature=0.5",
         request=request,
     )
     samples = torch.load(Path(pred.trainer.log_dir) / "predictions.pt", weights_only=True)
@@ -299,8 +299,8 @@ def test_language_model_stateful_mode_fits(request: pytest.FixtureRequest, tmp_p
 
 def test_language_model_rejects_an_unknown_prime_character(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     config = CONFIGS / "text8_lstm.yaml"
-    with pytest.raises(ValueError, match=r"prime \(data.init_args.prime\).*'!'"):
-        run("predict", config, tmp_path, "--data.init_args.prime=hello!", request=request)
+    with pytest.raises(ValueError, match=r"prime \(model.init_args.prime\).*'!'"):
+        run("predict", config, tmp_path, "--model.init_args.prime=hello!", request=request)
 
 
 # --------------------------------------------------------------------------------------------------- permuted MNIST

@@ -247,21 +247,29 @@ def test_ptb_word_file_format(tmp_path: Path) -> None:
 
 
 def test_ptb_prime_is_free_text(tmp_path: Path) -> None:
-    dm = PTBChar(data_dir=str(tmp_path), prime="the cat", num_samples=3, sample_length=17, temperature=0.5)
+    """predict's batch brings the alphabet only (the sampling settings are the task's); primes are free text."""
+    dm = PTBChar(data_dir=str(tmp_path))
     (request,) = list(dm.predict_dataloader())  # no data needed: the alphabet is fixed
-    assert isinstance(request, SampleRequest)
-    assert request.prime.shape == (3, 7) and request.prime.dtype == torch.int64
-    assert all(dm.vocabulary.decode(row) == "the_cat" for row in request.prime)
-    assert (request.length, request.temperature, request.vocabulary) == (17, 0.5, dm.vocabulary)
-    assert dm.corpus_to_text("the_cat\n") == "the cat\n"
-    assert PTBChar(data_dir=str(tmp_path)).prime == "\n"
+    assert isinstance(request, SampleRequest) and request.vocabulary == dm.vocabulary
+    prime = request.encode("the cat")
+    assert prime.shape == (7,) and prime.dtype == torch.int64
+    assert dm.vocabulary.decode(prime) == "the_cat"
+    assert request.default_prime == "\n" and dm.vocabulary.decode(request.encode(None)) == "\n"
+    assert dm.corpus_to_text("the_cat\n") == request.readable("the_cat\n") == "the cat\n"
 
 
 @pytest.mark.parametrize("prime", ["The cat", ""])
 def test_bad_prime_is_named(tmp_path: Path, prime: str) -> None:
-    dm = PTBChar(data_dir=str(tmp_path), prime=prime)
-    with pytest.raises(ValueError, match="prime"):
-        dm.predict_dataloader()
+    (request,) = list(PTBChar(data_dir=str(tmp_path)).predict_dataloader())
+    with pytest.raises(ValueError, match=r"prime \(model.init_args.prime\)"):
+        request.encode(prime, "prime (model.init_args.prime)")
+
+
+@pytest.mark.parametrize("name", ["prime", "sample_length", "num_samples", "temperature"])
+def test_sampling_settings_are_not_the_datamodules(tmp_path: Path, name: str) -> None:
+    """They moved to the task (CharLanguageModel); the DataModule refuses them rather than ignoring them."""
+    with pytest.raises(TypeError, match=name):
+        TextFiles(data_dir=str(tmp_path), **{name: 1})
 
 
 # ------------------------------------------------------------------------------------------------------ paper mode
@@ -529,8 +537,6 @@ def test_too_few_examples_for_a_batch_is_named(tmp_path: Path) -> None:
     [
         ({"mode": "tbptt"}, "mode"),
         ({"test_protocol": "all"}, "test_protocol"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"temperature": float("nan")}, "temperature"),
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": True}, "batch_size"),
         ({"seq_length": 2.5}, "seq_length"),
@@ -539,7 +545,6 @@ def test_too_few_examples_for_a_batch_is_named(tmp_path: Path) -> None:
         ({"sweep_lengths": []}, "sweep_lengths"),
         ({"sweep_lengths": [100, 0]}, "sweep_lengths"),
         ({"num_workers": -1}, "num_workers"),
-        ({"num_samples": 0}, "num_samples"),
         ({"seed": -1}, "seed"),
     ],
 )

@@ -17,7 +17,7 @@ from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.data.textfiles import TextFiles
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import CharLanguageModel
-from bnlstm_lit.tasks.language import protocol_metric_name
+from bnlstm_lit.tasks.language import SAMPLING_FLAGS, Sampling, protocol_metric_name
 from quiet import quiet_trainer
 
 pytestmark = [
@@ -472,8 +472,11 @@ def test_non_positive_temperature_raises(temperature: float) -> None:
 
 def test_predict_samples_text(in_tmp_path: Path) -> None:
     """predict returns {"ids": (3, 5), "text": 3 strings of 5 vocabulary symbols spelling the ids}."""
-    dm = corpus(in_tmp_path, prime="ab", sample_length=5, num_samples=3)
-    model = tiny(input_size=dm.input_size, output_size=dm.output_size, max_steps=dm.max_steps)
+    dm = corpus(in_tmp_path)
+    model = tiny(
+        input_size=dm.input_size, output_size=dm.output_size, max_steps=dm.max_steps, prime="ab", sample_length=5,
+        num_samples=3,
+    )  # fmt: skip
     (out,) = quiet_trainer().predict(model, datamodule=dm)
     ids, texts = out["ids"], out["text"]
     assert ids.dtype == torch.int64 and ids.shape == (3, 5)
@@ -489,7 +492,59 @@ def test_predict_rejects_other_batches() -> None:
     seq = tokens(4)[None]
     with pytest.raises(TypeError, match=r"expects SampleRequest batches, got TextBatch"):
         model.predict_step(TextBatch(seq[:, :3], seq[:, 1:]), 0)
-    assert SampleRequest._fields == ("prime", "length", "temperature", "vocabulary", "readable")
+    assert SampleRequest._fields == ("vocabulary", "default_prime", "writable", "readable")
+
+
+def test_sampling_settings_are_the_tasks_and_a_fixed_seed_repeats_the_samples(in_tmp_path: Path) -> None:
+    """prime, sample_length, num_samples and temperature are the task's (a typed Sampling, not saved in the
+    checkpoint's hparams, so predict from a checkpoint takes them from the command line); the same seed gives the
+    same samples through predict, another seed others; the prime starts every sample."""
+    dm = corpus(in_tmp_path)
+    args = {"input_size": dm.input_size, "output_size": dm.output_size, "max_steps": dm.max_steps}
+    model = tiny(**args, prime="ab", sample_length=12, num_samples=4, temperature=0.8)
+    assert model.sampling == Sampling(prime="ab", sample_length=12, num_samples=4, temperature=0.8)
+    assert not set(SAMPLING_FLAGS) & set(model.hparams)
+    assert tiny(**args).sampling == Sampling()  # defaults: the corpus's prime, 200 symbols, 1 sample, temperature 1
+
+    def predict(seed: int) -> dict:
+        torch.manual_seed(seed)
+        (out,) = quiet_trainer().predict(model, datamodule=dm)
+        return out
+
+    first, again, other = predict(7), predict(7), predict(8)
+    assert first["ids"].shape == (4, 12)
+    assert torch.equal(first["ids"], again["ids"]) and first["text"] == again["text"]
+    assert not torch.equal(first["ids"], other["ids"])
+    # the same draws as sample() from the prime the task encoded, at the task's temperature
+    torch.manual_seed(7)
+    prime = dm.vocabulary.encode("ab").expand(4, -1)
+    with torch.no_grad():
+        assert torch.equal(model.eval().sample(prime, 12, temperature=0.8), first["ids"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"sample_length": 0}, "sample_length"),
+        ({"sample_length": 2.5}, "sample_length"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": True}, "num_samples"),
+        ({"prime": ""}, "prime"),
+    ],
+)
+def test_bad_sampling_settings_name_the_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{flag} \(model\.init_args\.{flag}\) must"):
+        tiny(**kwargs)
+
+
+def test_a_prime_outside_the_alphabet_is_named_at_predict(in_tmp_path: Path) -> None:
+    dm = corpus(in_tmp_path)
+    model = tiny(input_size=dm.input_size, output_size=dm.output_size, max_steps=dm.max_steps, prime="abz")
+    with pytest.raises(ValueError, match=r"prime \(model\.init_args\.prime\): character 'z'"):
+        quiet_trainer().predict(model, datamodule=dm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -226,16 +226,28 @@ def _as_is(text: str) -> str:
 
 
 class SampleRequest(NamedTuple):
-    """What ``predict`` samples: ``length`` symbols after the ``prime`` (int64 (N, P), N samples) at ``temperature``.
+    """What ``predict`` gets from a character corpus: only data -- its alphabet and how free text maps onto it.
 
-    ``vocabulary`` decodes the ids; ``readable`` turns decoded corpus symbols into free text (PTB: ``_`` -> space).
+    The sampling settings (the priming text, how many symbols, how many samples, the temperature) belong to the task
+    (:class:`~bnlstm_lit.tasks.CharLanguageModel`), which encodes its prime with :meth:`encode`.
+
+    ``vocabulary`` encodes and decodes the ids; ``default_prime`` is the corpus's prime when the task names none;
+    ``writable`` writes free text in the corpus's symbols and ``readable`` reads decoded symbols back as free text
+    (PTB: space <-> ``_``).
     """
 
-    prime: Tensor
-    length: int
-    temperature: float
     vocabulary: CharVocabulary
+    default_prime: str = "\n"
+    writable: Callable[[str], str] = _as_is
     readable: Callable[[str], str] = _as_is
+
+    def encode(self, text: str | None, where: str = "prime") -> Tensor:
+        """Free text (None: ``default_prime``) -> ids int64 (P,). An empty text or a character outside the alphabet
+        raises a ValueError naming ``where`` (the flag the text came from)."""
+        ids = self.vocabulary.encode(self.writable(self.default_prime if text is None else text), where)
+        if ids.numel() == 0:
+            raise ValueError(f"{where} must hold at least one character to start sampling from")
+        return ids
 
 
 class ExampleDataset(Dataset[Tensor]):
@@ -409,17 +421,13 @@ class CharCorpus(SequenceDataModule):
         test_protocol: ``"examples"``, ``"full"`` or ``"sweep"`` (see the module docstring).
         full_chunk_length: steps per batch of the full-test protocol (memory, not the result, depends on it).
         sweep_lengths: test subsequence lengths of the sweep protocol.
-        prime: ``predict`` starts every sample from this text (in the corpus's alphabet); None: ``default_prime``.
-        sample_length: symbols to sample after the prime.
-        num_samples: samples drawn (one batch).
-        temperature: softmax temperature of sampling (> 0; lower is more conservative).
         num_workers: DataLoader workers (at most 1 for stateful streams).
         pin_memory: page-locked batches for faster host-to-GPU copies.
         seed: seeds the per-epoch offsets and shuffles of paper mode.
     """
 
     symbols: ClassVar[str | None] = None
-    default_prime: ClassVar[str] = "\n"
+    default_prime: ClassVar[str] = "\n"  # what predict starts from when the task names no prime
 
     def __init__(
         self,
@@ -432,10 +440,6 @@ class CharCorpus(SequenceDataModule):
         test_protocol: TestProtocol = "examples",
         full_chunk_length: int = 1000,
         sweep_lengths: Sequence[int] = (100, 200, 300, 400, 500, 600, 700, 800, 900, 1000),
-        prime: str | None = None,
-        sample_length: int = 200,
-        num_samples: int = 1,
-        temperature: float = 1.0,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
@@ -445,8 +449,6 @@ class CharCorpus(SequenceDataModule):
             ("seq_length", seq_length),
             ("batch_size", batch_size),
             ("full_chunk_length", full_chunk_length),
-            ("sample_length", sample_length),
-            ("num_samples", num_samples),
         ):
             check_int(name, value, 1)
         if eval_batch_size is not None:
@@ -465,8 +467,6 @@ class CharCorpus(SequenceDataModule):
             raise ValueError("sweep_lengths (data.init_args.sweep_lengths) must name at least one length")
         for value in sweep_lengths:
             check_int("sweep_lengths", value, 1)
-        if not temperature > 0:
-            raise ValueError(f"temperature (data.init_args.temperature) must be positive, got {temperature}")
         if mode == "stateful" and num_workers > 1:
             raise ValueError(
                 f"num_workers (data.init_args.num_workers) must be 0 or 1 with mode='stateful' (each stream is read "
@@ -482,10 +482,6 @@ class CharCorpus(SequenceDataModule):
         self.test_protocol = test_protocol
         self.full_chunk_length = full_chunk_length
         self.sweep_lengths = sweep_lengths
-        self.prime = self.default_prime if prime is None else prime
-        self.sample_length = sample_length
-        self.num_samples = num_samples
-        self.temperature = temperature
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
@@ -683,17 +679,8 @@ class CharCorpus(SequenceDataModule):
         return self._evaluation("test", "test")
 
     def predict_dataloader(self) -> DataLoader:
-        vocabulary = self.vocabulary
-        prime = vocabulary.encode(self.text_to_corpus(self.prime), "prime (data.init_args.prime)")
-        if prime.numel() == 0:
-            raise ValueError("prime (data.init_args.prime) must hold at least one character to start sampling from")
-        request = SampleRequest(
-            prime.expand(self.num_samples, -1).clone(),
-            self.sample_length,
-            self.temperature,
-            vocabulary,
-            self.corpus_to_text,
-        )
+        """One batch: a :class:`SampleRequest` (the alphabet; what to sample is the task's settings)."""
+        request = SampleRequest(self.vocabulary, self.default_prime, self.text_to_corpus, self.corpus_to_text)
         # one batch: the request itself (batch_size 1 and an unwrapping collate, so Lightning sees a batch sampler)
         return DataLoader(
             cast(Dataset[SampleRequest], [request]),

@@ -15,6 +15,7 @@ itself decides how it is run:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,12 +46,50 @@ def protocol_metric_name(split: str, protocol: Protocol, statistics: EvalStatist
     return f"{split}/bpc_L{protocol.length}_{statistics}"
 
 
+#: The task's init arguments that make its :class:`Sampling` (named as the fields).
+SAMPLING_FLAGS = ("prime", "sample_length", "num_samples", "temperature")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What ``predict`` draws -- the task's settings, not the data's; checked when made, each error naming its flag
+    (``model.init_args.<name>``).
+
+    Attributes:
+        prime: every sample starts from this free text (the DataModule writes it in the corpus's alphabet, e.g. PTB
+            spaces as ``_``); None: the corpus's default prime.
+        sample_length: symbols drawn after the prime.
+        num_samples: samples drawn (one batch).
+        temperature: softmax temperature (> 0; lower is more conservative).
+    """
+
+    prime: str | None = None
+    sample_length: int = 200
+    num_samples: int = 1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("sample_length", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} (model.init_args.{name}) must be an integer >= 1, got {value!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
+            raise ValueError(f"temperature (model.init_args.temperature) must be a positive number, got {t!r}")
+        if self.prime == "":
+            raise ValueError(
+                "prime (model.init_args.prime) must hold at least one character to start sampling from (or be null: "
+                "the corpus's default prime)"
+            )
+
+
 class CharLanguageModel(BNLSTMTask):
     """Next-character prediction with a (BN-)LSTM: cross-entropy, bits per character per split.
 
     Logs ``train/loss`` (nats per symbol) and ``{split}/bpc`` (token-weighted, DDP-exact :class:`BitsPerCharacter`),
-    plus the protocol metrics of the module docstring. ``predict`` samples text (:class:`SampleRequest` batches):
-    returns ``{"ids": int64 (N, length), "text": [N strings]}`` and prints the samples.
+    plus the protocol metrics of the module docstring. ``predict`` samples text as its :class:`Sampling` settings say,
+    from the alphabet a :class:`SampleRequest` batch brings: returns ``{"ids": int64 (N, length), "text": [N
+    strings]}`` and prints the samples.
 
     Args:
         input_size: vocabulary size of the one-hot inputs (linked from the DataModule).
@@ -68,6 +107,7 @@ class CharLanguageModel(BNLSTMTask):
             over processes; the reference loop runs instead of the fused kernels). Off: each process normalizes
             with its own batch.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
+        prime, sample_length, num_samples, temperature: what ``predict`` samples (:class:`Sampling`).
     """
 
     def __init__(
@@ -88,6 +128,10 @@ class CharLanguageModel(BNLSTMTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
         monitor: str = "val/bpc",
+        prime: str | None = None,
+        sample_length: int = 200,
+        num_samples: int = 1,
+        temperature: float = 1.0,
     ) -> None:
         check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
         super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
@@ -96,8 +140,11 @@ class CharLanguageModel(BNLSTMTask):
             raise ValueError(
                 f"model.init_args.sweep_statistics must list 'population' and/or 'batch', got {sweep_statistics!r}"
             )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # the sampling settings are predict's, not the trained model's: a checkpoint does not carry them, so
+        # ``predict --ckpt_path`` takes them from the command line (LightningCLI applies stored hparams over it)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *SAMPLING_FLAGS])
         self.sweep_statistics = sweep_statistics
+        self.sampling = Sampling(prime, sample_length, num_samples, temperature)
         self.net = CharRNN(
             input_size,
             output_size,
@@ -205,12 +252,15 @@ class CharLanguageModel(BNLSTMTask):
     def predict_step(self, batch: SampleRequest, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if not isinstance(batch, SampleRequest):
             raise TypeError(f"{type(self).__name__}.predict expects SampleRequest batches, got {type(batch).__name__}")
+        settings = self.sampling
+        prime = batch.encode(settings.prime, "prime (model.init_args.prime)").to(self.device)
+        prime = prime.expand(settings.num_samples, -1).clone()  # (N, P)
         with _statistics(self, "population"):  # one symbol per step: no batch statistics to speak of
-            ids = self.sample(batch.prime, batch.length, batch.temperature)
+            ids = self.sample(prime, settings.sample_length, settings.temperature)
         texts = [batch.readable(batch.vocabulary.decode(row)) for row in ids]
-        prime = batch.readable(batch.vocabulary.decode(batch.prime[0]))
+        prime_text = batch.readable(batch.vocabulary.decode(prime[0]))
         for k, text in enumerate(texts):
-            rank_zero_info(f"[bnlstm_lit] sample {k} (temperature {batch.temperature}):\n{prime}{text}")
+            rank_zero_info(f"[bnlstm_lit] sample {k} (temperature {settings.temperature}):\n{prime_text}{text}")
         return {"ids": ids, "text": texts}
 
     @torch.no_grad()
