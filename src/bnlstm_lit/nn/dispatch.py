@@ -10,6 +10,8 @@ leaves that never call back into the layer or each other:
 ``plain``                 :mod:`bnlstm_lit.nn.plain`, torch's fused LSTM, for the baseline (``normalize=False``)
 ``eager``                 :mod:`bnlstm_lit.nn.eager`, the fused recurrence in torch ops (any device and dtype)
 ``native``                :mod:`bnlstm_lit.nn.native`, the C kernel as torch custom ops (float32 CPU)
+``triton``                :mod:`bnlstm_lit.nn.triton_steps`, one Triton kernel per step forward and backward, for
+                          batch statistics on CUDA (population statistics there run ``eager``)
 ========================  ===========================================================================================
 
 Every mode of the BN sites has a fast path: ``"train"`` (batch statistics recorded into the running averages:
@@ -32,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import eager, native, plain, reference
+from bnlstm_lit.nn import eager, native, plain, reference, triton_steps
 from bnlstm_lit.nn.batchnorm import SequenceBatchNorm, deferred_statistics_updates
 from bnlstm_lit.nn.cell import BNLSTMCell
 from bnlstm_lit.nn.packed import PackedSteps
@@ -40,7 +42,7 @@ from bnlstm_lit.nn.settings import Implementation
 
 __all__ = ["Plan", "choose", "run_layer"]
 
-Path = Literal["reference", "plain", "eager", "native"]
+Path = Literal["reference", "plain", "eager", "native", "triton"]
 Statistics = Literal["train", "batch", "population", "none"]
 State = tuple[Tensor, Tensor]
 Result = tuple[Tensor, State]
@@ -117,13 +119,15 @@ def choose(
     if native_ok:
         input_in_kernel = bn_x.weight is not None and bn_x.bias is None and not bn_x.shared_over_time
         return Plan("native", statistics, input_in_kernel=input_in_kernel and not autocast, packed=packed)
+    if _triton_applies(x, implementation):
+        return Plan("triton", statistics, packed=packed)
     return Plan("eager", statistics, packed=packed)
 
 
 def _native_applies(cell: BNLSTMCell, x: Tensor, implementation: Implementation) -> bool:
     """The native kernel runs this layer: float32 CPU parameters and input (or autocast), the library available, and
-    not ``implementation="eager"``. ``implementation="native"`` where it cannot run is an error."""
-    if implementation == "eager":
+    ``implementation`` "auto" or "native". ``implementation="native"`` where it cannot run is an error."""
+    if implementation not in ("auto", "native"):
         return False
     floating = x.dtype == torch.float32 or torch.is_autocast_enabled(x.device.type)
     ok = x.device.type == "cpu" and floating and native.usable(cell.weight_ih, cell.weight_hh, cell.bias)
@@ -134,6 +138,23 @@ def _native_applies(cell: BNLSTMCell, x: Tensor, implementation: Implementation)
             f"available: {native.usable()}); use implementation='auto'"
         )
     return ok
+
+
+def _triton_applies(x: Tensor, implementation: Implementation) -> bool:
+    """The Triton steps run this layer's batch statistics: a CUDA input with triton available (``"auto"``), or
+    ``implementation="triton"`` (which also runs under the Triton interpreter on CPU; where it cannot run, an
+    error). B is bounded by one program's registers (``triton_steps.MAX_BATCH``)."""
+    if implementation == "triton":
+        if not triton_steps.available() or x.shape[1] > triton_steps.MAX_BATCH:
+            raise ValueError(
+                f"BNLSTM(implementation='triton'): needs triton with a CUDA device (or the Triton interpreter) and a "
+                f"batch of at most {triton_steps.MAX_BATCH}, got a batch of {x.shape[1]} on {x.device} (triton "
+                f"available: {triton_steps.available()}); use implementation='auto'"
+            )
+        return True
+    if implementation != "auto" or x.device.type != "cuda" or x.shape[1] > triton_steps.MAX_BATCH:
+        return False
+    return triton_steps.available()
 
 
 def run_layer(
@@ -231,6 +252,10 @@ def _batch_statistics(cell: BNLSTMCell, x: Tensor, state: State, mask: Tensor | 
                 return reference.population_steps(cell, x_n, (h, c), start + t0)
             if plan.path == "native":
                 outputs, c_last, stats = _native_recurrence(cell, x_n, h, c, plan.input_in_kernel)
+            elif plan.path == "triton":
+                outputs, c_last, stats = triton_steps.recurrence(
+                    x_n, h, c, cell.weight_hh, *_bn_parameters(cell), bn_h.eps
+                )
             else:
                 outputs, c_last, stats = eager.recurrence(x_n, h, c, cell.weight_hh, *_bn_parameters(cell), bn_h.eps)
             if record:

@@ -26,8 +26,9 @@ InputStatistics = Literal["per_step", "sequence"]
 CellType = Literal["lstm", "tanh"]
 #: which implementation runs a layer (:mod:`bnlstm_lit.nn.dispatch`): ``"auto"`` the fastest that applies;
 #: ``"reference"`` the readable time loop; ``"eager"`` the fused autograd Function of torch ops; ``"native"`` the
-#: C kernel (float32 CPU only; anything else is an error)
-Implementation = Literal["auto", "reference", "eager", "native"]
+#: C kernel (float32 CPU only; anything else is an error); ``"triton"`` the Triton step kernels for batch statistics
+#: (CUDA, or the Triton interpreter; anything else is an error)
+Implementation = Literal["auto", "reference", "eager", "native", "triton"]
 
 
 @dataclass
