@@ -169,3 +169,14 @@ def test_no_import_cycles_in_nn_and_no_lightning():
     # the leaves never import the layer or the dispatcher
     for leaf in ("reference", "eager", "native", "plain"):
         assert not graph[f"bnlstm_lit.nn.{leaf}"] & {"bnlstm_lit.nn.layer", "bnlstm_lit.nn.dispatch"}, leaf
+
+
+def test_importing_the_package_imports_neither_dynamo_nor_triton():
+    """Start-up time: torch._dynamo (about 2 s) and triton (about 0.4 s) load only when used (torch.compile, the
+    Triton path on CUDA), not when bnlstm_lit.nn is imported (lightning itself imports both)."""
+    import subprocess
+    import sys
+
+    code = "import sys, bnlstm_lit.nn; print(sorted({'torch._dynamo', 'triton'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

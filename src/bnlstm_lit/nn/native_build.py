@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["available", "cache_dir", "enabled", "library", "library_path", "reset"]
 
 SOURCE = Path(__file__).with_name("bnlstm_kernel.c")
@@ -183,8 +181,12 @@ def reset() -> None:
     _state.clear()
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """The library is available (built and loaded on first call). A constant for ``torch.compile``: the dispatcher
     asks it while tracing, and a compiled graph is not traced again when it changes."""
     return library() is not None
+
+
+# What torch.compiler.assume_constant_result does (it sets this one attribute), without importing torch._dynamo at
+# import time: the public decorator imports it eagerly, about 2 s of start-up for every CLI call.
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
