@@ -244,3 +244,26 @@ def test_train_loop_timer_runs_one_model(shape, capsys, monkeypatch):
         with pytest.raises(SystemExit) as info:
             train_loop.main(["--shape", "tiny", flag, "0"])
         assert info.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_check_script_parses_and_selects_the_gpu_tests():
+    """benchmarks/gpu_check.sh (run on a GPU machine) is valid bash, names implementations and shapes run.py has,
+    and its ``pytest -m gpu`` selects the gpu-marked tests (which skip here, without CUDA)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", str(root / "benchmarks" / script)], check=True)
+    text = (root / "benchmarks" / "gpu_check.sh").read_text()
+    for impl in ("lstm", "bnlstm", "bnlstm_eager", "bnlstm_plain"):
+        assert impl in run.IMPLEMENTATIONS
+    for shape in ("mnist", "ptb", "text8"):
+        assert shape in run.SHAPES and shape in text
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--collect-only", str(root / "tests")],
+        capture_output=True, text=True, cwd=root,
+    ).stdout  # fmt: skip
+    selected = [line for line in collected.splitlines() if "::" in line]
+    assert selected and all(line.startswith("tests/test_gpu.py::") for line in selected), collected[-2000:]
