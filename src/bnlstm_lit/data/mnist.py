@@ -41,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# File name -> md5 of the original LeCun files (../shared/data/SOURCES.md, section 1).
+# File name -> md5 of the original LeCun files (yann.lecun.com/exdb/mnist), checked after every download.
 MNIST_FILES: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
