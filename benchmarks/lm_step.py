@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bnlstm_lit.models.language import CHAR_RNN_SETTINGS
 from bnlstm_lit.tasks import CharLanguageModel
 
 
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    settings = CHAR_RNN_SETTINGS.replace(hidden_size=args.hidden)
     models = {
-        name: CharLanguageModel(args.vocab, args.vocab, args.length, hidden_size=args.hidden, normalize=normalize)
+        name: CharLanguageModel(args.vocab, args.vocab, args.length, rnn=settings.replace(normalize=normalize))
         for name, normalize in (("lstm", False), ("bnlstm", True))
     }
     optimizers = {name: torch.optim.Adam(m.parameters(), 2e-3) for name, m in models.items()}

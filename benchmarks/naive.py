@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bnlstm_lit.nn import DEFAULTS
+
 __all__ = ["NaiveBNLSTM", "copy_from"]
 
 
@@ -34,10 +36,9 @@ class NaiveBNLSTM(nn.Module):
         input_size: I.
         hidden_size: H.
         max_steps: number of per-step BatchNorm1d of each site; steps ``t >= max_steps`` reuse the last one.
-        gamma_init: initial γ of the three sites (0.1).
-        eps: BN ε (1e-5).
-        momentum: running-average rate of every BatchNorm1d.
-        forget_bias: initial forget-gate slice of b (1.0).
+        gamma_init, eps, momentum, forget_bias: as ``BNLSTM``'s (defaults :data:`bnlstm_lit.nn.DEFAULTS`): initial γ
+            of the three sites, BN ε, running-average rate of every BatchNorm1d (None: cumulative), initial
+            forget-gate slice of b.
 
     Shapes:
         input (T, B, I), optional state (h_0, c_0) each (1, B, H) (zeros when omitted).
@@ -49,10 +50,10 @@ class NaiveBNLSTM(nn.Module):
         input_size: int,
         hidden_size: int,
         max_steps: int,
-        gamma_init: float = 0.1,
-        eps: float = 1e-5,
-        momentum: float = 0.1,
-        forget_bias: float = 1.0,
+        gamma_init: float = DEFAULTS.gamma_init,  # type: ignore[assignment]  # a float: one γ for every site
+        eps: float = DEFAULTS.eps,
+        momentum: float | None = DEFAULTS.momentum,
+        forget_bias: float = DEFAULTS.forget_bias,
     ) -> None:
         super().__init__()
         H = hidden_size

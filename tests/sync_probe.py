@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from bnlstm_lit.data.adding import adding_problem
-from bnlstm_lit.nn import estimate_population_statistics
+from bnlstm_lit.nn import BNLSTMSettings, estimate_population_statistics
 from bnlstm_lit.tasks import SequenceRegression
 
 T, H, N = 12, 6, 64
@@ -62,7 +62,7 @@ def main(out: str, devices: int, sync: bool, batch_size: int, steps: int) -> Non
     inputs, targets = adding_problem(N, T, torch.Generator().manual_seed(1))
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, sampler=RankStrided(N))
     model = SequenceRegression(
-        2, 1, T, hidden_size=H, sync_statistics=sync, momentum=None,
+        2, 1, T, rnn=BNLSTMSettings(hidden_size=H, sync_statistics=sync, momentum=None),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
     )  # fmt: skip
     recorder = LossRecorder()

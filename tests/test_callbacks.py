@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnlstm_lit.callbacks import PopulationStatistics, PredictionWriter
 from bnlstm_lit.data.adding import AddingProblem
-from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
+from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, estimate_population_statistics
 from bnlstm_lit.tasks import SequenceClassification, SequenceRegression
 from quiet import quiet_trainer
 
@@ -35,7 +35,7 @@ def adding(**kwargs: Any) -> AddingProblem:
 
 def regression(normalize: bool = True) -> SequenceRegression:
     torch.manual_seed(0)
-    return SequenceRegression(2, 1, 8, hidden_size=6, normalize=normalize)
+    return SequenceRegression(2, 1, 8, rnn=BNLSTMSettings(hidden_size=6, normalize=normalize))
 
 
 def scramble_statistics(model: torch.nn.Module) -> None:
@@ -222,7 +222,7 @@ def test_prediction_writer_saves_the_concatenated_outputs(tmp_path: Path) -> Non
 
 def test_prediction_writer_dicts_default_folder_and_overwrite(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = SequenceClassification(2, 3, 8, hidden_size=6, normalize=False)
+    model = SequenceClassification(2, 3, 8, rnn=BNLSTMSettings(hidden_size=6, normalize=False))
     loader = DataLoader(TensorDataset(torch.rand(10, 8, 2), torch.zeros(10, dtype=torch.long)), batch_size=4)
     writer = PredictionWriter()
     t = trainer([writer], logger=CSVLogger(tmp_path, name="logs"))
@@ -254,7 +254,7 @@ def two_loaders() -> list[DataLoader]:
 
 def test_prediction_writer_several_dataloaders(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = MultiLoaderRegression(2, 1, 8, hidden_size=6, normalize=False)
+    model = MultiLoaderRegression(2, 1, 8, rnn=BNLSTMSettings(hidden_size=6, normalize=False))
     writer = PredictionWriter(output_dir=str(tmp_path))
     outputs = trainer([writer]).predict(model, two_loaders(), return_predictions=True)
     saved = torch.load(tmp_path / "predictions.pt", weights_only=True)

@@ -527,7 +527,7 @@ def malicious(fitted: Callable[[str], Any], tmp_path: Path) -> tuple[Path, Path]
     _, _, last = fitted("adding_bnlstm.yaml")
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     marker = tmp_path / "marker"
-    checkpoint["hyper_parameters"]["hidden_size"] = Payload(marker)
+    checkpoint["hyper_parameters"]["rnn"]["hidden_size"] = Payload(marker)
     path = tmp_path / "evil.ckpt"
     torch.save(checkpoint, path)
     return path, marker
@@ -654,7 +654,7 @@ def assert_restored(cli: Any, fit_cli: Any, checkpoint: Path) -> None:
 @pytest.mark.filterwarnings(RELOAD_WARNING, CALLBACKS_WARNING)
 def test_the_cli_evaluates_with_the_checkpoints_hyper_parameters(fitted: Callable[[str], Any], tmp_path: Path) -> None:
     """BNLSTMCLI as it is (LightningCLI's own ckpt_path handling): ``--model=<class>`` and the data config suffice;
-    the network's sizes (hidden_size 16, not the class default 100, nor a config's 32) come from the checkpoint."""
+    the network's sizes (rnn.hidden_size 16, not the class default 100, nor a config's 32) come from the checkpoint."""
     fit_cli, _, last = fitted("adding_bnlstm.yaml")
     data = data_only_config("adding_bnlstm.yaml", tmp_path)
     cli = call_cli(
@@ -677,12 +677,12 @@ def test_the_cli_evaluates_with_the_checkpoints_hyper_parameters(fitted: Callabl
             f"--ckpt_path={last}",
             f"--config={CONFIGS / 'adding_bnlstm.yaml'}",
             f"--config={DEBUG}",
-            "--model.init_args.hidden_size=32",
+            "--model.init_args.rnn.hidden_size=32",
             f"--trainer.default_root_dir={tmp_path / 'b'}",
             *QUIET,
         ]
     )
-    assert cli.model.hparams["hidden_size"] == 16
+    assert cli.model.hparams["rnn"]["hidden_size"] == 16
     assert_restored(cli, fit_cli, last)
 
 
@@ -767,7 +767,7 @@ def test_load_from_checkpoint_rebuilds_the_model_with_identical_outputs(fitted: 
         expected = fit_cli.model(inputs)
     for cls in (SequenceRegression, L.LightningModule):
         model = cls.load_from_checkpoint(best, map_location="cpu", weights_only=True)
-        assert type(model) is SequenceRegression and model.hparams["hidden_size"] == 16
+        assert type(model) is SequenceRegression and model.hparams["rnn"]["hidden_size"] == 16
         model.eval()
         with torch.no_grad():
             assert torch.equal(model(inputs), expected)

@@ -6,6 +6,9 @@ temporary folder. MNIST configs read the real files in ``../shared/data/mnist``.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import math
 import os
 import subprocess
@@ -23,7 +26,7 @@ from bnlstm_lit.callbacks import PopulationStatistics, PredictionWriter
 from bnlstm_lit.cli import BNLSTMCLI, main
 from bnlstm_lit.data import PermutedMNIST
 from bnlstm_lit.data.mnist import MNIST_FILES, mnist_permutation
-from bnlstm_lit.nn import batchnorm_sites
+from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites
 from bnlstm_lit.tasks import CharLanguageModel, ReadingComprehension, SequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +139,8 @@ def test_every_config_fits_with_the_debug_overlay(config: Path, fitted: Callable
     # the overlay took effect, and the run happened where we said (not in runs/ of the config)
     assert trainer.max_epochs == 1 and trainer.global_step == DEBUG_TRAINER["limit_train_batches"]
     assert cli.datamodule.hparams["batch_size"] == DEBUG_BATCH
-    assert cli.model.hparams["hidden_size"] == yaml.safe_load(DEBUG.read_text())["model"]["init_args"]["hidden_size"]
+    debug_rnn = yaml.safe_load(DEBUG.read_text())["model"]["init_args"]["rnn"]
+    assert cli.model.hparams["rnn"]["hidden_size"] == debug_rnn["hidden_size"]
     assert ckpt.is_file() and ckpt.suffix == ".ckpt"
     log_dir = Path(trainer.log_dir)
     assert (log_dir / "config.yaml").is_file()
@@ -159,7 +163,9 @@ def test_every_config_fits_with_the_debug_overlay(config: Path, fitted: Callable
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     has_bn = bool(batchnorm_sites(cli.model))
     normalized = (
-        cli.model.hparams["variant"] != "lstm" if "variant" in cli.model.hparams else cli.model.hparams["normalize"]
+        cli.model.hparams["variant"] != "lstm"
+        if "variant" in cli.model.hparams
+        else cli.model.hparams["rnn"]["normalize"]
     )
     assert has_bn == normalized
     assert has_bn == any(key.endswith("running_mean") for key in state)
@@ -294,7 +300,7 @@ def test_language_model_stateful_mode_fits(request: pytest.FixtureRequest, tmp_p
     assert cli.trainer.global_step == DEBUG_TRAINER["limit_train_batches"]
     assert finite(cli.trainer.callback_metrics["val/bpc"])
     h, c = cli.model._states["train"]  # the state carried out of the last training batch: detached, batch rows
-    assert not h.requires_grad and h.shape == (1, DEBUG_BATCH, cli.model.hparams["hidden_size"])
+    assert not h.requires_grad and h.shape == (1, DEBUG_BATCH, cli.model.hparams["rnn"]["hidden_size"])
 
 
 def test_language_model_rejects_an_unknown_prime_character(request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -371,7 +377,7 @@ def test_custom_task_and_datamodule_by_class_path(via: str, in_tmp_path: Path) -
             "--model=custom_task.ParityTask",
             "--data=custom_task.ToyParity",
             "--data.init_args.seq_len=7",
-            "--model.init_args.hidden_size=8",
+            "--model.init_args.rnn.hidden_size=8",
             "--model.init_args.label_smoothing=0.2",
         ]
     else:
@@ -380,7 +386,7 @@ def test_custom_task_and_datamodule_by_class_path(via: str, in_tmp_path: Path) -
             "model": {
                 "class_path": "custom_task.ParityTask",
                 "init_args": {
-                    "hidden_size": 8,
+                    "rnn": {"hidden_size": 8},
                     "label_smoothing": 0.2,
                     "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
                 },
@@ -439,9 +445,26 @@ def test_python_m_print_config() -> None:
     assert "class_path: bnlstm_lit.tasks.SequenceRegression" in result.stdout
     assert "class_path: bnlstm_lit.data.AddingProblem" in result.stdout
     printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["init_args"]["hidden_size"] == 64
+    assert printed["model"]["init_args"]["rnn"]["hidden_size"] == 64
     # linked sizes are not repeated in the printed config: they are derived from the data
     assert "input_size" not in printed["model"]["init_args"]
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_print_config_lists_every_network_setting(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The schema is typed down to the layer: ``model.init_args.rnn`` shows every BNLSTMSettings field, with the
+    config's value where it sets one and the task's default (its default settings instance) elsewhere."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    rnn = printed["init_args"]["rnn"]
+    assert list(rnn) == [field.name for field in dataclasses.fields(BNLSTMSettings)]
+    module, _, name = printed["class_path"].rpartition(".")
+    task = getattr(importlib.import_module(module), name)
+    default = inspect.signature(task).parameters["rnn"].default
+    given = yaml.safe_load(config.read_text())["model"]["init_args"].get("rnn", {})
+    assert rnn == {**dataclasses.asdict(default), **given}
 
 
 def test_python_m_help() -> None:
@@ -525,4 +548,4 @@ def test_overlays_parse_with_the_configs_they_name(tmp_path: Path) -> None:
             assert done.returncode == 0, done.stderr[-2000:]
             printed = yaml.safe_load(done.stdout)
             assert printed["trainer"]["max_steps"] == max_steps
-            assert printed["model"]["init_args"]["hidden_size"] == hidden_size
+            assert printed["model"]["init_args"]["rnn"]["hidden_size"] == hidden_size

@@ -66,8 +66,8 @@ def assert_same_run(a: dict, b: dict) -> None:
 
 CASES = {
     # BN-LSTM, 2 layers with dropout and h_0 noise: the global random state must be restored too
-    "adding": ("adding_bnlstm.yaml", ["--model.init_args.num_layers=2", "--model.init_args.dropout=0.3",
-                                      "--model.init_args.h0_noise_std=0.1"]),
+    "adding": ("adding_bnlstm.yaml", ["--model.init_args.rnn.num_layers=2", "--model.init_args.rnn.dropout=0.3",
+                                      "--model.init_args.rnn.h0_noise_std=0.1"]),
     "ptb": ("ptb_bnlstm.yaml", [f"--data.init_args.data_dir={SHARED / 'ptb'}"]),
 }  # fmt: skip
 

@@ -27,7 +27,7 @@ from bnlstm_lit.callbacks import GradientFlow, PopulationStatistics, StatisticsS
 from bnlstm_lit.cli import main
 from bnlstm_lit.data import AddingProblem
 from bnlstm_lit.data.adding import adding_problem
-from bnlstm_lit.nn import BNLSTM, batchnorm_sites
+from bnlstm_lit.nn import BNLSTM, BNLSTMSettings, batchnorm_sites
 from bnlstm_lit.report import analysis
 from bnlstm_lit.report.figures import png_size
 from bnlstm_lit.tasks import SequenceRegression
@@ -123,10 +123,11 @@ def loader(data: TensorDataset) -> DataLoader:
     return DataLoader(data, batch_size=B, shuffle=False)
 
 
-def make_model(seed: int = 0, **kwargs: Any) -> SequenceRegression:
+def make_model(seed: int = 0, rnn: dict[str, Any] | None = None, **kwargs: Any) -> SequenceRegression:
+    """``rnn``: settings other than the defaults (hidden_size H)."""
     torch.manual_seed(seed)
     kwargs.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.1))
-    return SequenceRegression(2, 1, T, hidden_size=H, **kwargs)
+    return SequenceRegression(2, 1, T, rnn=BNLSTMSettings(hidden_size=H, **(rnn or {})), **kwargs)
 
 
 def make_trainer(root: Path, callbacks: list[Callback], loggers: Any = None, **kwargs: Any) -> L.Trainer:
@@ -181,7 +182,7 @@ def test_gradient_flow_files_scalars_and_figure(tmp_path: Path) -> None:
     memory = MemoryLogger()
     tensorboard = TensorBoardLogger(tmp_path, name="logs")
     trainer = make_trainer(tmp_path, [flow], loggers=[tensorboard, memory])
-    trainer.fit(make_model(num_layers=2), loader(dataset(64)))
+    trainer.fit(make_model(rnn={"num_layers": 2}), loader(dataset(64)))
     assert trainer.global_step == 4
 
     names = ["net.rnn.0", "net.rnn.1"]
@@ -513,7 +514,7 @@ def test_statistics_stationarity_keeps_the_validation_record_when_test_follows(t
 def test_statistics_stationarity_lstm_baseline_writes_nothing(tmp_path: Path) -> None:
     stationarity = StatisticsStationarity()
     memory = MemoryLogger()
-    model = make_model(normalize=False)
+    model = make_model(rnn={"normalize": False})
     trainer = make_trainer(tmp_path, [stationarity], loggers=[memory], val_check_interval=2, limit_val_batches=1)
     trainer.fit(model, loader(dataset(48)), loader(dataset(16, seed=1)))
     trainer.test(model, loader(dataset(16, seed=2)), verbose=False)

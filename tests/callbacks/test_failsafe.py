@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from bnlstm_lit.callbacks.failsafe import NonFiniteError, NonFiniteGuard, NonFiniteWarning
 from bnlstm_lit.data import AddingProblem
+from bnlstm_lit.nn import BNLSTMSettings
 from bnlstm_lit.tasks import SequenceRegression
 
 T = 6  # sequence length (and max_steps of the BN statistics)
@@ -87,7 +88,8 @@ def batches() -> list[Batch]:
 
 def make_model(faults: dict[int, str] | None = None, optimizer: Callable[..., Any] | None = None) -> Faulty:
     torch.manual_seed(0)
-    model = Faulty(2, 1, T, hidden_size=H, optimizer=optimizer or functools.partial(torch.optim.Adam, lr=0.05))
+    optimizer = optimizer or functools.partial(torch.optim.Adam, lr=0.05)
+    model = Faulty(2, 1, T, rnn=BNLSTMSettings(hidden_size=H), optimizer=optimizer)
     model.faults = dict(faults or {})
     return model
 

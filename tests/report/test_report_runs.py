@@ -32,11 +32,13 @@ from bnlstm_lit.report.runs import (
 from bnlstm_lit.report.runs import test_number as our_test_number  # not collected as a test
 
 
-def config(data: str, normalize: bool = True, cell: str | None = None, **model_args: object) -> dict:
-    """A LightningCLI-style saved config with a DataModule class path and model arguments."""
-    args: dict = {"normalize": normalize, **model_args}
+def config(data: str, normalize: bool = True, cell: str | None = None, flat: bool = False, **rnn: object) -> dict:
+    """A LightningCLI-style saved config with a DataModule class path and the network's settings (``init_args.rnn``;
+    ``flat``: directly in ``init_args``, as configs written before the settings were one group)."""
+    settings: dict = {"normalize": normalize, **rnn}
     if cell is not None:
-        args["cell"] = cell
+        settings["cell"] = cell
+    args = settings if flat else {"rnn": settings}
     return {
         "model": {"class_path": "bnlstm_lit.tasks.SequenceClassification", "init_args": args},
         "data": {"class_path": data, "init_args": {"batch_size": 8}},
@@ -211,6 +213,7 @@ def test_experiment_of_without_a_data_section() -> None:
 )  # fmt: skip
 def test_variant_of(normalize: bool, cell: str | None, variant: str) -> None:
     assert variant_of(config("bnlstm_lit.data.SequentialMNIST", normalize, cell)) == variant
+    assert variant_of(config("bnlstm_lit.data.SequentialMNIST", normalize, cell, flat=True)) == variant  # older runs
 
 
 def test_variant_of_defaults_to_bn_lstm() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.data.textfiles import TextFiles
+from bnlstm_lit.models.language import CHAR_RNN_SETTINGS
 from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
 from bnlstm_lit.tasks import CharLanguageModel
 from bnlstm_lit.tasks.language import SAMPLING_FLAGS, Sampling, protocol_metric_name
@@ -26,6 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined"),
 ]
 
+TINY = CHAR_RNN_SETTINGS.replace(hidden_size=8)  # the task's defaults (momentum 0.05), a tiny network
 ALPHABET = "\n abcd"  # sorted: the vocabulary TextFiles derives from a training file using all six symbols
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -33,7 +36,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}
 def tiny(seed: int = 0, **kwargs) -> CharLanguageModel:
     """A tiny model with non-trivial parameters and distinct random population statistics at every step."""
     torch.manual_seed(seed)
-    args = {"input_size": 5, "output_size": 5, "max_steps": 6, "hidden_size": 8}
+    args = {"input_size": 5, "output_size": 5, "max_steps": 6, "rnn": TINY}
     args.update(kwargs)
     model = CharLanguageModel(**args)
     g = torch.Generator().manual_seed(seed + 1)
@@ -272,7 +275,7 @@ def test_sweep_protocol_restores_the_tasks_own_statistics(in_tmp_path: Path) -> 
 def test_sweep_protocol_for_the_lstm_gives_equal_values(in_tmp_path: Path) -> None:
     """Without BN both names exist and are equal (one pass serves both), and equal the value by hand."""
     dm = corpus(in_tmp_path, test_protocol="sweep", sweep_lengths=[4, 9], eval_batch_size=8)
-    model = tiny(input_size=dm.input_size, output_size=dm.output_size, max_steps=6, normalize=False)
+    model = tiny(input_size=dm.input_size, output_size=dm.output_size, max_steps=6, rnn=TINY.replace(normalize=False))
     assert not batchnorm_sites(model)
     reference = copy.deepcopy(model).eval()
     trainer = quiet_trainer()
@@ -386,7 +389,7 @@ def test_training_end_to_end(in_tmp_path: Path, mode: str) -> None:
     (equal-sized training batches; validation loss weighted by symbols).
     """
     dm = corpus(in_tmp_path, mode=mode, eval_batch_size=5)
-    model = CharLanguageModel(dm.input_size, dm.output_size, dm.max_steps, hidden_size=8)
+    model = CharLanguageModel(dm.input_size, dm.output_size, dm.max_steps, rnn=TINY)
     trainer = quiet_trainer(limit_train_batches=4, limit_val_batches=3, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 4
@@ -565,10 +568,11 @@ def test_bad_sweep_statistics_raise(value: list[str]) -> None:
         tiny(sweep_statistics=value)
 
 
-@pytest.mark.parametrize("name", ["input_size", "output_size", "max_steps", "hidden_size"])
+@pytest.mark.parametrize("name", ["input_size", "output_size", "max_steps", "rnn.hidden_size"])
 def test_non_positive_sizes_raise(name: str) -> None:
-    with pytest.raises(ValueError, match=rf"model\.init_args\.{name} must be positive, got 0"):
-        tiny(**{name: 0})
+    args = {"rnn": TINY.replace(hidden_size=0)} if name == "rnn.hidden_size" else {name: 0}
+    with pytest.raises(ValueError, match=rf"model\.init_args\.{re.escape(name)} must be positive, got 0"):
+        tiny(**args)
 
 
 def test_bad_eval_statistics_raises() -> None:

@@ -11,12 +11,17 @@ import torch
 
 from bnlstm_lit.cli import BNLSTMCLI
 from bnlstm_lit.data import synthetic_corpus
-from bnlstm_lit.models.reader import VARIANTS, AttentiveReader
-from bnlstm_lit.nn import batchnorm_sites
+from bnlstm_lit.models.reader import READER_SETTINGS, VARIANTS, AttentiveReader
+from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 V, K, B = 30, 6, 5
+
+
+def units(hidden_size: int) -> BNLSTMSettings:
+    """The reader's default settings with ``hidden_size`` units per direction."""
+    return READER_SETTINGS.replace(hidden_size=hidden_size)
 
 
 def batch(T: int = 9, Tq: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -35,7 +40,7 @@ def batch(T: int = 9, Tq: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_live_on_the_candidates_and_attention_on_real_positions(variant: str, form: str) -> None:
     torch.manual_seed(0)
-    model = AttentiveReader(V, K, max_steps=20, hidden_size=7, variant=variant, attention=form)  # type: ignore[arg-type]
+    model = AttentiveReader(V, K, max_steps=20, rnn=units(7), variant=variant, attention=form)  # type: ignore[arg-type]
     context, lengths, query, query_lengths, candidates = batch()
     logits, attention = model(context, lengths, query, query_lengths, candidates)
     assert logits.shape == (B, K) and attention.shape == context.shape
@@ -58,7 +63,7 @@ def test_padding_invariance(variant: str, training: bool, form: str) -> None:
     direction (as the original code did before BN-e**): the padding comes first, so with population statistics the
     step index each real position meets depends on the padded length. That is the paper's reason for BN-e**."""
     torch.manual_seed(1)
-    model = AttentiveReader(V, K, max_steps=40, hidden_size=7, variant=variant, attention=form).double()  # type: ignore[arg-type]
+    model = AttentiveReader(V, K, max_steps=40, rnn=units(7), variant=variant, attention=form).double()  # type: ignore[arg-type]
     context, lengths, query, query_lengths, candidates = batch()
     model.train()
     model(context, lengths, query, query_lengths, candidates)  # running statistics
@@ -77,7 +82,7 @@ def test_bilinear_attention_scores_document_positions_against_the_query() -> Non
     """attention="bilinear": s = softmax_t(y_d(t) . W_s u) over the real positions, computed here by hand from the
     encoders' outputs; with BN-everywhere W_s u goes through its own BN site (and the additive sites do not exist)."""
     torch.manual_seed(2)
-    model = AttentiveReader(V, K, max_steps=20, hidden_size=5, variant="lstm", attention="bilinear").eval()
+    model = AttentiveReader(V, K, max_steps=20, rnn=units(5), variant="lstm", attention="bilinear").eval()
     context, lengths, query, query_lengths, candidates = batch()
     _, attention = model(context, lengths, query, query_lengths, candidates)
     y, _ = model.document(model.embedding(context), lengths=lengths)
@@ -88,14 +93,14 @@ def test_bilinear_attention_scores_document_positions_against_the_query() -> Non
         expected = (y[i, :n] @ model.W_s.weight @ u[i]).softmax(0)
         torch.testing.assert_close(attention[i, :n], expected)
     assert not hasattr(model, "W_ym") and not hasattr(model, "w_ms")
-    everywhere = AttentiveReader(V, K, max_steps=20, hidden_size=5, variant="bn_everywhere", attention="bilinear")
+    everywhere = AttentiveReader(V, K, max_steps=20, rnn=units(5), variant="bn_everywhere", attention="bilinear")
     assert everywhere.bn is not None and set(everywhere.bn) == {"su", "rg", "ug"}
     with pytest.raises(ValueError, match="attention must be"):
         AttentiveReader(V, K, max_steps=10, attention="dot")  # type: ignore[arg-type]
 
 
 def test_variants_configure_one_model() -> None:
-    built = {v: AttentiveReader(V, K, max_steps=10, hidden_size=4, variant=v) for v in VARIANTS}  # type: ignore[arg-type]
+    built = {v: AttentiveReader(V, K, max_steps=10, rnn=units(4), variant=v) for v in VARIANTS}  # type: ignore[arg-type]
     assert batchnorm_sites(built["lstm"]) == []
     assert built["bnlstm"].bn is None and built["bnlstm"].document.normalize
     assert built["bn_everywhere"].bn is not None and built["bn_everywhere"].document.input_statistics == "per_step"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import BNLSTM
+from bnlstm_lit.nn import BNLSTM, DEFAULTS, BNLSTMSettings
+
+#: the paper's Penn Treebank model: 1000 units, and the running-average rate of the original code for language
+#: modelling; the other settings are :data:`~bnlstm_lit.nn.DEFAULTS`
+CHAR_RNN_SETTINGS = DEFAULTS.replace(hidden_size=1000, momentum=0.05)
 
 
 class CharRNN(nn.Module):
@@ -17,12 +19,14 @@ class CharRNN(nn.Module):
     (num_layers, B, H), which a stateful caller passes back as ``state`` with ``start_step`` the next time index.
     """
 
-    def __init__(self, input_size: int, output_size: int, max_steps: int, hidden_size: int = 1000, **rnn: Any) -> None:
-        """``rnn``: further :class:`~bnlstm_lit.nn.BNLSTM` arguments (num_layers, normalize, gamma_init, ...)."""
+    def __init__(
+        self, input_size: int, output_size: int, max_steps: int, rnn: BNLSTMSettings = CHAR_RNN_SETTINGS
+    ) -> None:
+        """``rnn``: the (BN-)LSTM's settings (:data:`CHAR_RNN_SETTINGS` by default)."""
         super().__init__()
         self.input_size = input_size
-        self.rnn = BNLSTM(input_size, hidden_size, batch_first=True, max_steps=max_steps, **rnn)
-        self.readout = nn.Linear(hidden_size, output_size)
+        self.rnn = BNLSTM.from_settings(input_size, rnn, max_steps=max_steps, batch_first=True)
+        self.readout = nn.Linear(rnn.hidden_size, output_size)
 
     def forward(
         self, tokens: Tensor, state: tuple[Tensor, Tensor] | None = None, start_step: int = 0

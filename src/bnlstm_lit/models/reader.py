@@ -10,8 +10,8 @@
 
 The five variants of the paper are one model with switches (:data:`VARIANTS`): the encoders' normalization, BN on
 every term entering the attention's nonlinearities ("BN-everywhere": W_ym y_d(t) with masked statistics over all real
-positions, W_um u, W_rg r and W_ug u, each γ=0.1 and no shift), the input term's statistics shared over time
-(BN-e*), and the backward direction reversing only the unpadded part (BN-e**).
+positions, W_um u, W_rg r and W_ug u, each with the encoders' γ and no shift), the input term's statistics shared over
+time (BN-e*), and the backward direction reversing only the unpadded part (BN-e**).
 
 ``attention="bilinear"`` replaces the additive scores by s = softmax_t(y_d(t) . W_s u) (Chen, Bolton & Manning 2016,
 "A Thorough Examination of the CNN/Daily Mail Reading Comprehension Task"); BN-everywhere then normalizes W_s u,
@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import BNLSTM, SequenceBatchNorm
-from bnlstm_lit.nn.cell import GAMMA_SITES, GammaInit, site_gammas
+from bnlstm_lit.nn import BNLSTM, DEFAULTS, BNLSTMSettings, SequenceBatchNorm
+from bnlstm_lit.nn.cell import GAMMA_SITES, site_gammas
 
 Variant = Literal["lstm", "bnlstm", "bn_everywhere", "bn_e_star", "bn_e_star_star"]
 Attention = Literal["additive", "bilinear"]
@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[bool, bool, str, str]] = {
     "bn_e_star_star": (True, True, "sequence", "unpadded"),
 }
 
+#: the paper's reduced setting: 240 units per direction; the other settings are :data:`~bnlstm_lit.nn.DEFAULTS`
+READER_SETTINGS = DEFAULTS.replace(hidden_size=240)
+
 
 class AttentiveReader(nn.Module):
     """Cloze-style reading comprehension: document and query encoders, attention, entity softmax.
@@ -52,14 +55,16 @@ class AttentiveReader(nn.Module):
         vocab_size: token ids in [0, vocab_size) (0 is padding).
         num_entities: K, the entity classes (logits (B, K)).
         max_steps: per-step statistics kept by the encoders (the longest training document).
-        hidden_size: H per direction (240 in the paper's reduced setting, 120 on the full task).
-        embedding_size: token embedding size (defaults to hidden_size).
+        rnn: the encoders' settings (:data:`READER_SETTINGS` by default): ``hidden_size`` H per direction (240 in
+            the paper's reduced setting, 120 on the full task); ``normalize`` and ``input_statistics`` are the
+            variant's (left at their defaults, or set to what the variant sets). ``gamma_init``: one γ for every
+            BN site, or per site: ``"input"``, ``"recurrent"``, ``"cell"`` for both encoders; the BN-everywhere
+            sites by name (``"ym"``, ``"um"``, ``"rg"``, ``"ug"``; bilinear: ``"su"``, ``"rg"``, ``"ug"``),
+            ``"attention"`` for those not named; anything else the default γ. ``eps`` and ``momentum`` serve the
+            attention's BN too.
+        embedding_size: token embedding size (defaults to ``rnn.hidden_size``).
         variant: one of :data:`VARIANTS`.
-        gamma_init: initial γ of every BN site (the paper's 0.1), or per site: ``"input"``, ``"recurrent"``,
-            ``"cell"`` for both encoders; the BN-everywhere sites by name (``"ym"``, ``"um"``, ``"rg"``, ``"ug"``;
-            bilinear: ``"su"``, ``"rg"``, ``"ug"``), ``"attention"`` for those not named; anything else 0.1.
-        momentum: running-average rate of the statistics (None: cumulative).
-        dropout: on the embeddings.
+        dropout: on the embeddings (``rnn.dropout``: between stacked encoder layers).
         attention: ``"additive"`` (Hermann et al. 2015, the paper's) or ``"bilinear"`` (Chen et al. 2016).
     """
 
@@ -68,11 +73,9 @@ class AttentiveReader(nn.Module):
         vocab_size: int,
         num_entities: int,
         max_steps: int,
-        hidden_size: int = 240,
+        rnn: BNLSTMSettings = READER_SETTINGS,
         embedding_size: int | None = None,
         variant: Variant = "bn_e_star_star",
-        gamma_init: GammaInit = 0.1,
-        momentum: float | None = 0.1,
         dropout: float = 0.0,
         attention: Attention = "additive",
     ) -> None:
@@ -82,7 +85,16 @@ class AttentiveReader(nn.Module):
         if attention not in ("additive", "bilinear"):
             raise ValueError(f"AttentiveReader: attention must be 'additive' or 'bilinear', got {attention!r}")
         normalize, attention_bn, input_statistics, reversal = VARIANTS[variant]
+        for name, value in (("normalize", normalize), ("input_statistics", input_statistics)):
+            given = getattr(rnn, name)
+            if given != value and given != getattr(DEFAULTS, name):
+                raise ValueError(
+                    f"AttentiveReader: rnn.{name} is the variant's ({variant!r}: {value!r}), got {given!r}; choose "
+                    "the variant instead"
+                )
         sites: tuple[str, ...] = ("ym", "um", "rg", "ug") if attention == "additive" else ("su", "rg", "ug")
+        gamma_init = rnn.gamma_init
+        hidden_size = rnn.hidden_size
         gammas = site_gammas("AttentiveReader", gamma_init, (*GAMMA_SITES, "attention", *sites))
         if isinstance(gamma_init, Mapping):  # an attention site not named takes the "attention" value
             gammas.update({site: gammas["attention"] for site in sites if site not in gamma_init})
@@ -93,12 +105,12 @@ class AttentiveReader(nn.Module):
         self.embedding = nn.Embedding(vocab_size, E, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
         encoder = dict(
-            batch_first=True, max_steps=max_steps, normalize=normalize, momentum=momentum,
-            gamma_init={site: gammas[site] for site in GAMMA_SITES},
-            bidirectional=True, input_statistics=input_statistics, backward_reversal=reversal,
+            max_steps=max_steps, batch_first=True, bidirectional=True, normalize=normalize,
+            gamma_init={site: gammas[site] for site in GAMMA_SITES}, input_statistics=input_statistics,
+            backward_reversal=reversal,
         )  # fmt: skip
-        self.document = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
-        self.query = BNLSTM(E, hidden_size, **encoder)  # type: ignore[arg-type]
+        self.document = BNLSTM.from_settings(E, rnn, **encoder)  # type: ignore[arg-type]
+        self.query = BNLSTM.from_settings(E, rnn, **encoder)  # type: ignore[arg-type]
         if attention == "additive":
             self.W_ym = nn.Linear(H2, H2, bias=False)
             self.W_um = nn.Linear(H2, H2)
@@ -110,7 +122,7 @@ class AttentiveReader(nn.Module):
         self.W_g = nn.Linear(H2, num_entities)
         self.bn: nn.ModuleDict | None = None
         if attention_bn:  # the terms entering tanh: statistics over the batch (and the real positions for y_d)
-            site = dict(max_steps=1, eps=1e-5, momentum=momentum, bias=False, shared_over_time=True)
+            site = dict(max_steps=1, eps=rnn.eps, momentum=rnn.momentum, bias=False, shared_over_time=True)
             self.bn = nn.ModuleDict(
                 {name: SequenceBatchNorm(H2, gamma_init=gammas[name], **site) for name in sites}  # type: ignore[arg-type]
             )
@@ -131,8 +143,8 @@ class AttentiveReader(nn.Module):
         Td = context.shape[1]
         mask = torch.arange(Td, device=context.device)[None, :] < context_lengths[:, None]  # (B, Td)
         y, _ = self.document(self.dropout(self.embedding(context)), lengths=context_lengths)  # (B, Td, 2H)
-        _, (h_q, _) = self.query(self.dropout(self.embedding(query)), lengths=query_lengths)  # h_q: (2, B, H)
-        u = torch.cat([h_q[0], h_q[1]], dim=-1)  # forward at the query's end, backward at its start: (B, 2H)
+        _, (h_q, _) = self.query(self.dropout(self.embedding(query)), lengths=query_lengths)  # (2 * layers, B, H)
+        u = torch.cat([h_q[-2], h_q[-1]], dim=-1)  # last layer: forward at the query's end, backward at its start
         if self.attention == "additive":
             m = torch.tanh(self._norm("ym", self.W_ym(y), mask) + self._norm("um", self.W_um(u))[:, None])  # (B,Td,2H)
             scores = self.w_ms(m).squeeze(-1)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import BNLSTM
+from bnlstm_lit.nn import BNLSTM, DEFAULTS, BNLSTMSettings
 
 
 class LastStateReadout(nn.Module):
@@ -19,11 +18,11 @@ class LastStateReadout(nn.Module):
     Shapes: inputs (B, T, input_size) -> (B, output_size).
     """
 
-    def __init__(self, input_size: int, output_size: int, max_steps: int, hidden_size: int = 100, **rnn: Any) -> None:
-        """``rnn``: further :class:`~bnlstm_lit.nn.BNLSTM` arguments (num_layers, normalize, gamma_init, ...)."""
+    def __init__(self, input_size: int, output_size: int, max_steps: int, rnn: BNLSTMSettings = DEFAULTS) -> None:
+        """``rnn``: the (BN-)LSTM's settings (hidden_size 100 by default, the paper's MNIST model)."""
         super().__init__()
-        self.rnn = BNLSTM(input_size, hidden_size, batch_first=True, max_steps=max_steps, **rnn)
-        self.readout = nn.Linear(hidden_size, output_size)
+        self.rnn = BNLSTM.from_settings(input_size, rnn, max_steps=max_steps, batch_first=True)
+        self.readout = nn.Linear(rnn.hidden_size, output_size)
 
     def forward(self, inputs: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
         _, (h_n, _) = self.rnn(inputs, lengths=lengths)  # h_n: (num_layers, B, H)

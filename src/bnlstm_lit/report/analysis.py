@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlstm_lit.nn import BNLSTM
-from bnlstm_lit.nn.layer import CellType
+from bnlstm_lit.nn import BNLSTM, DEFAULTS
+from bnlstm_lit.nn.settings import CellType
 
 
 def gradient_flow_vs_gamma(
     inputs: Tensor,
     targets: Tensor,
     gammas: Sequence[float],
-    hidden_size: int = 100,
+    hidden_size: int = DEFAULTS.hidden_size,
     cell: CellType = "tanh",
     h0_noise_std: float = 0.1,
     seed: int = 0,
@@ -37,7 +37,7 @@ def gradient_flow_vs_gamma(
         inputs: (T, B, I) float sequences (e.g. sequential MNIST pixels in [0, 1]).
         targets: (B,) int64 class labels.
         gammas: initial γ of every BN site, one model each.
-        hidden_size: H.
+        hidden_size: H; the other settings of the layer are :data:`~bnlstm_lit.nn.DEFAULTS`.
         cell: "tanh" (the BN tanh RNN of the paper's Fig. 1) or "lstm".
         h0_noise_std: Gaussian noise on h_0 (the unpermuted sequences start with constant black pixels; without
             noise every example has the same state there, the batch variance is zero and BN's 1/sqrt(var + eps)
@@ -54,18 +54,14 @@ def gradient_flow_vs_gamma(
             f"gradient_flow_vs_gamma: targets must be (B,) = ({inputs.shape[1]},), got {tuple(targets.shape)}"
         )
     num_classes = int(targets.max()) + 1
+    settings = DEFAULTS.replace(hidden_size=hidden_size, cell=cell, h0_noise_std=h0_noise_std)
     out: dict[float, list[float]] = {}
     for gamma in gammas:
         if gamma <= 0:
             raise ValueError(f"gradient_flow_vs_gamma: every γ must be positive, got {gamma}")
         torch.manual_seed(seed)
-        rnn = BNLSTM(
-            inputs.shape[-1],
-            hidden_size,
-            max_steps=inputs.shape[0],
-            cell=cell,
-            gamma_init=float(gamma),
-            h0_noise_std=h0_noise_std,
+        rnn = BNLSTM.from_settings(
+            inputs.shape[-1], settings.replace(gamma_init=float(gamma)), max_steps=inputs.shape[0]
         )
         readout = nn.Linear(hidden_size, num_classes)
         rnn.probe_hidden_grad = True

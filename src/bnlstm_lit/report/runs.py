@@ -227,6 +227,14 @@ def _init_args(section: Any) -> dict[str, Any]:
     return {}
 
 
+def _model_args(config: dict[str, Any]) -> dict[str, Any]:
+    """The saved model arguments with the network's settings (``init_args.rnn``) among them, as configs written
+    before the settings were one group had them."""
+    args = _init_args(config.get("model"))
+    rnn = args.get("rnn")
+    return {**args, **rnn} if isinstance(rnn, dict) else args
+
+
 def experiment_of(config: dict[str, Any]) -> str | None:
     """The paper experiment of a saved config, from its DataModule class: permuted/sequential MNIST, PTB, text8,
     CNN; None for anything else (a custom corpus, the adding problem)."""
@@ -246,7 +254,7 @@ def experiment_of(config: dict[str, Any]) -> str | None:
 
 def variant_of(config: dict[str, Any]) -> str:
     """ "LSTM" / "BN-LSTM" (or "RNN" / "BN-RNN" for the tanh cell) from the saved model arguments."""
-    args = _init_args(config.get("model"))
+    args = _model_args(config)
     normalize = args.get("normalize", True)
     base = "RNN" if args.get("cell", "lstm") == "tanh" else "LSTM"
     return f"BN-{base}" if normalize else base
@@ -266,7 +274,7 @@ def settings_of(run: Run) -> str:
     for name, (section, key) in SETTINGS:
         if name == "γ" and not run.variant.startswith("BN"):
             continue  # no BN site: γ does not exist
-        value = _init_args(run.config.get(section)).get(key)
+        value = (_model_args(run.config) if section == "model" else _init_args(run.config.get(section))).get(key)
         if value is not None:
             parts.append(f"{name}={value}")
     optimizer = _init_args(run.config.get("model")).get("optimizer")

@@ -1,18 +1,32 @@
-"""What every bnlstm_lit task shares: the injected optimizer / LR scheduler and the evaluation-statistics protocol."""
+"""What every bnlstm_lit task shares: the network's settings (one :class:`~bnlstm_lit.nn.BNLSTMSettings` group,
+``model.init_args.rnn``), the injected optimizer / LR scheduler, the evaluation-statistics protocol, and the metric
+names a task logs (declared once: what the steps log and what the CLI lets a callback monitor)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
 
-from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
+from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
 
 EvalStatistics = Literal["population", "batch"]
+#: a split's metric objects by the name each is logged under (a MetricCollection is one)
+SplitMetrics = Mapping[str, Metric] | MetricCollection
+
+#: the splits a fit logs: the metrics of these are what a callback or an LR scheduler can monitor
+FIT_SPLITS = ("train", "val")
+#: every task logs its loss in every split, in training per step as well as per epoch (``train/loss_step``,
+#: ``train/loss_epoch`` and ``train/loss``)
+LOSS = "loss"
 
 
 def check_sizes(**sizes: int) -> None:
@@ -20,6 +34,23 @@ def check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if value <= 0:
             raise ValueError(f"model.init_args.{name} must be positive, got {value}")
+
+
+def rnn_settings(rnn: BNLSTMSettings | Mapping[str, Any]) -> BNLSTMSettings:
+    """A task's ``rnn`` argument as settings: a :class:`~bnlstm_lit.nn.BNLSTMSettings` (copied: a default instance is
+    never shared), or a mapping of its fields (what a checkpoint's hyper-parameters hold); fields not given keep the
+    defaults of :data:`~bnlstm_lit.nn.DEFAULTS`."""
+    if isinstance(rnn, BNLSTMSettings):
+        return dataclasses.replace(rnn)
+    if not isinstance(rnn, Mapping):
+        raise TypeError(
+            f"model.init_args.rnn must be BNLSTMSettings or a mapping of its fields, got {type(rnn).__name__}"
+        )
+    known = {field.name for field in dataclasses.fields(BNLSTMSettings)}
+    unknown = sorted(set(rnn) - known)
+    if unknown:
+        raise ValueError(f"model.init_args.rnn: unknown settings {unknown}; the settings are {sorted(known)}")
+    return BNLSTMSettings(**rnn)
 
 
 class BNLSTMTask(L.LightningModule):
@@ -53,10 +84,47 @@ class BNLSTMTask(L.LightningModule):
         self.eval_statistics = eval_statistics
         self.monitor = monitor
 
+    def use_rnn_settings(self, rnn: BNLSTMSettings | Mapping[str, Any]) -> BNLSTMSettings:
+        """Keep a subclass's ``rnn`` argument as :attr:`rnn_settings`, and as a plain dict in ``hparams["rnn"]`` (a
+        checkpoint stays loadable weights-only; ``load_from_checkpoint`` passes the dict back). Call it after
+        ``save_hyperparameters``."""
+        settings = rnn_settings(rnn)
+        self.rnn_settings = settings
+        # the saved hyper-parameters and their initial copy (what the loggers write to hparams.yaml)
+        for hparams in (self.hparams, getattr(self, "_hparams_initial", None)):
+            if hparams is not None and "rnn" in hparams:
+                hparams["rnn"] = dataclasses.asdict(settings)
+        return settings
+
+    # ---- the metrics a task logs ----------------------------------------------------------------------------------
+    def split_metrics(self, split: str) -> SplitMetrics | None:
+        """The metric objects of ``split`` ("train", "val", "test"), by the name each is logged under (without the
+        split: ``{"acc": ...}`` is logged as ``val/acc``); None where a subclass does not say (its metric names are
+        then unknown and not checked). :meth:`log_split` logs them, :meth:`monitorable_metrics` derives from them."""
+        return None
+
+    def log_split(self, split: str, loss: Tensor, batch_size: int) -> None:
+        """Log the loss of a batch (``{split}/loss``; in training per step and per epoch) and every metric object of
+        the split (``{split}/{name}``, per epoch): the names :meth:`monitorable_metrics` derives."""
+        training = split == "train"
+        # evaluation losses averaged over DDP ranks; the metric objects sync themselves
+        self.log(f"{split}/{LOSS}", loss, on_step=training, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=not training)  # fmt: skip
+        metrics = self.split_metrics(split)
+        for name, metric in (metrics or {}).items():
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
+
     def monitorable_metrics(self) -> set[str] | None:
         """The metric names a fit of this task logs and a callback or scheduler may monitor (checked by the CLI
-        before any data is downloaded or any step runs); None when a subclass cannot say (nothing is checked)."""
-        return None
+        before any data is downloaded or any step runs), derived from :meth:`split_metrics` as :meth:`log_split`
+        logs them; None when a subclass cannot say (nothing is checked)."""
+        names: set[str] = set()
+        for split in FIT_SPLITS:
+            metrics = self.split_metrics(split)
+            if metrics is None:
+                return None
+            names |= {f"{split}/{name}" for name in (LOSS, *metrics)}
+        return names | {f"train/{LOSS}_step", f"train/{LOSS}_epoch"}  # logged per step and per epoch
 
     # ---- evaluation statistics ---------------------------------------------------------------------------------------
     def _use_eval_statistics(self, stage: str) -> None:

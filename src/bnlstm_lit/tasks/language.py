@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.metrics import BitsPerCharacter
 from bnlstm_lit.models import CharRNN
-from bnlstm_lit.nn import batchnorm_sites, set_eval_statistics
-from bnlstm_lit.nn.cell import GammaInit, RecurrentInit
-from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
+from bnlstm_lit.models.language import CHAR_RNN_SETTINGS
+from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
+from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, SplitMetrics, check_sizes, rnn_settings
 
 State = tuple[Tensor, Tensor]
 
@@ -95,17 +95,11 @@ class CharLanguageModel(BNLSTMTask):
         input_size: vocabulary size of the one-hot inputs (linked from the DataModule).
         output_size: vocabulary size of the softmax (linked from the DataModule).
         max_steps: the training sequence length: steps with their own BN statistics (linked from the DataModule).
-        hidden_size: LSTM units (1000 for PTB, 2000 for text8 in the paper).
-        num_layers: stacked LSTM layers.
-        normalize: True for the BN-LSTM, False for the LSTM baseline.
-        gamma_init: initial γ of every BN site (0.1), or per site {"input": γ_x, "recurrent": γ_h, "cell": γ_c}.
-        momentum: running-average rate of the per-step statistics (0.05 for language modelling in the original code).
-        recurrent_init: "orthogonal" (the paper's language models) or "identity_g".
-        dropout: between stacked layers.
+        rnn: the (BN-)LSTM's settings, :class:`~bnlstm_lit.nn.BNLSTMSettings` (``model.init_args.rnn.hidden_size``,
+            ``.normalize``, ``.gamma_init``, ...); by default :data:`~bnlstm_lit.models.language.CHAR_RNN_SETTINGS`:
+            1000 units (PTB in the paper; 2000 for text8) and momentum 0.05 (the original code's rate for language
+            modelling), the rest :data:`~bnlstm_lit.nn.DEFAULTS`.
         sweep_statistics: the statistics the length-sweep protocol evaluates with (each logged under its name).
-        sync_statistics: under DDP, normalize over the global batch in training (per-step statistics all-reduced
-            over processes; the reference loop runs instead of the fused kernels). Off: each process normalizes
-            with its own batch.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
         prime, sample_length, num_samples, temperature: what ``predict`` samples (:class:`Sampling`).
     """
@@ -115,15 +109,8 @@ class CharLanguageModel(BNLSTMTask):
         input_size: int,
         output_size: int,
         max_steps: int,
-        hidden_size: int = 1000,
-        num_layers: int = 1,
-        normalize: bool = True,
-        gamma_init: GammaInit = 0.1,
-        momentum: float | None = 0.05,
-        recurrent_init: RecurrentInit = "orthogonal",
-        dropout: float = 0.0,
+        rnn: BNLSTMSettings = CHAR_RNN_SETTINGS,
         sweep_statistics: list[EvalStatistics] | None = None,
-        sync_statistics: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
@@ -133,7 +120,9 @@ class CharLanguageModel(BNLSTMTask):
         num_samples: int = 1,
         temperature: float = 1.0,
     ) -> None:
-        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
+        settings = rnn_settings(rnn)
+        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps,
+                    **{"rnn.hidden_size": settings.hidden_size})  # fmt: skip
         super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
         sweep_statistics = ["population", "batch"] if sweep_statistics is None else list(sweep_statistics)
         if not sweep_statistics or any(s not in ("population", "batch") for s in sweep_statistics):
@@ -145,19 +134,8 @@ class CharLanguageModel(BNLSTMTask):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *SAMPLING_FLAGS])
         self.sweep_statistics = sweep_statistics
         self.sampling = Sampling(prime, sample_length, num_samples, temperature)
-        self.net = CharRNN(
-            input_size,
-            output_size,
-            max_steps,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            normalize=normalize,
-            gamma_init=gamma_init,
-            momentum=momentum,
-            recurrent_init=recurrent_init,
-            dropout=dropout,
-            sync_statistics=sync_statistics,
-        )
+        self.use_rnn_settings(settings)
+        self.net = CharRNN(input_size, output_size, max_steps, settings)
         # one metric object per split and protocol: their states must never mix
         self.train_bpc = BitsPerCharacter()
         self.val_bpc = BitsPerCharacter()
@@ -194,8 +172,10 @@ class CharLanguageModel(BNLSTMTask):
         self._states[stream] = (h.detach(), c.detach())
         return logits
 
-    def monitorable_metrics(self) -> set[str]:
-        return {"train/loss", "train/loss_step", "train/loss_epoch", "train/bpc", "val/loss", "val/bpc"}
+    def split_metrics(self, split: str) -> SplitMetrics:
+        """``{"bpc": ...}``: the bits per character of the split's own batches (protocol kind ``"split"``; the other
+        protocols' metrics are made when first met, in :attr:`protocol_metrics`)."""
+        return {"bpc": getattr(self, f"{split}_bpc")}
 
     def statistics_forward(self, batch: TextBatch) -> None:
         """How :class:`~bnlstm_lit.callbacks.PopulationStatistics` runs a training batch (streams keep their state)."""
@@ -205,8 +185,7 @@ class CharLanguageModel(BNLSTMTask):
         logits = self._run(batch, "train")
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())  # nats per symbol
         self.train_bpc.update(logits.detach(), batch.targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch.targets.numel())
-        self.log("train/bpc", self.train_bpc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_split("train", loss, batch.targets.numel())
         return loss
 
     def validation_step(self, batch: TextBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -222,8 +201,7 @@ class CharLanguageModel(BNLSTMTask):
             metric: BitsPerCharacter = getattr(self, f"{split}_bpc")
             metric.update(logits, batch.targets)
             loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-            self.log(f"{split}/loss", loss, prog_bar=True, batch_size=batch.targets.numel(), sync_dist=True)
-            self.log(protocol_metric_name(split, protocol), metric, prog_bar=True)
+            self.log_split(split, loss, batch.targets.numel())  # {split}/loss and {split}/bpc
         elif protocol.kind == "full":
             # batch 1 through the whole split: only population statistics exist for it
             with _statistics(self, "population"):

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 
 from bnlstm_lit.data.cnn import QABatch
-from bnlstm_lit.models.reader import Attention, AttentiveReader, Variant
-from bnlstm_lit.nn.cell import GammaInit
-from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
+from bnlstm_lit.models.reader import READER_SETTINGS, Attention, AttentiveReader, Variant
+from bnlstm_lit.nn import BNLSTMSettings
+from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, SplitMetrics, check_sizes, rnn_settings
 
 
 class ReadingComprehension(BNLSTMTask):
@@ -27,10 +27,11 @@ class ReadingComprehension(BNLSTMTask):
         input_size: vocabulary size (linked from the DataModule).
         output_size: number of entity classes K (linked).
         max_steps: the longest training document: steps with their own BN statistics (linked).
-        hidden_size: LSTM units per direction (240 in the paper's setting).
-        embedding_size: token embeddings (default: hidden_size).
+        rnn: the encoders' settings (``rnn.hidden_size``: units per direction, 240 in the paper's setting; the
+            variant decides ``normalize`` and ``input_statistics``): see :class:`~bnlstm_lit.models.AttentiveReader`.
+        embedding_size: token embeddings (default: rnn.hidden_size).
         variant: "lstm", "bnlstm", "bn_everywhere", "bn_e_star" or "bn_e_star_star" (the paper's five).
-        gamma_init, momentum, dropout, attention: see :class:`~bnlstm_lit.models.AttentiveReader`.
+        dropout, attention: see :class:`~bnlstm_lit.models.AttentiveReader`.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -39,11 +40,9 @@ class ReadingComprehension(BNLSTMTask):
         input_size: int,
         output_size: int,
         max_steps: int,
-        hidden_size: int = 240,
+        rnn: BNLSTMSettings = READER_SETTINGS,
         embedding_size: int | None = None,
         variant: Variant = "bn_e_star_star",
-        gamma_init: GammaInit = 0.1,
-        momentum: float | None = 0.1,
         dropout: float = 0.0,
         attention: Attention = "additive",
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -51,21 +50,28 @@ class ReadingComprehension(BNLSTMTask):
         eval_statistics: EvalStatistics = "population",
         monitor: str = "val/error",
     ) -> None:
-        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
+        settings = rnn_settings(rnn)
+        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps,
+                    **{"rnn.hidden_size": settings.hidden_size})  # fmt: skip
         super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.use_rnn_settings(settings)
         self.net = AttentiveReader(
-            input_size, output_size, max_steps, hidden_size, embedding_size, variant, gamma_init, momentum, dropout,
-            attention=attention,
-        )  # fmt: skip
-        self.accuracy = torch.nn.ModuleDict({split: MeanMetric() for split in ("train_", "val_", "test_")})
+            input_size, output_size, max_steps, settings, embedding_size, variant, dropout, attention=attention
+        )
+        # per split (keys with a "_": "train" would shadow nn.Module.train) the fraction of questions answered right
+        # and wrong (the paper reports error rates); no compute groups: the two would be merged whenever they agree
+        self.accuracy = torch.nn.ModuleDict(
+            {
+                f"{split}_": MetricCollection({"acc": MeanMetric(), "error": MeanMetric()}, compute_groups=False)
+                for split in ("train", "val", "test")
+            }
+        )
 
-    def monitorable_metrics(self) -> set[str]:
-        names = {"loss", "acc", "error"}
-        return {f"{split}/{name}" for split in ("train", "val") for name in names} | {
-            "train/loss_step",
-            "train/loss_epoch",
-        }
+    def split_metrics(self, split: str) -> SplitMetrics:
+        metrics = self.accuracy[f"{split}_"]
+        assert isinstance(metrics, MetricCollection)
+        return metrics
 
     def forward(self, batch: QABatch) -> Tensor:
         logits, _ = self.net(batch.context, batch.context_lengths, batch.query, batch.query_lengths, batch.candidates)
@@ -79,15 +85,10 @@ class ReadingComprehension(BNLSTMTask):
         logits = self(batch)
         loss = F.cross_entropy(logits, batch.answer)
         correct = (logits.argmax(dim=1) == batch.answer).float()
-        metric = self.accuracy[f"{split}_"]
-        assert isinstance(metric, MeanMetric)
-        metric.update(correct)
-        training = split == "train"
-        size = len(batch.answer)
-        self.log(f"{split}/loss", loss, on_step=training, on_epoch=True, prog_bar=True, batch_size=size,
-                 sync_dist=not training)  # fmt: skip
-        self.log(f"{split}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/error", 1.0 - correct.mean(), on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        metrics = self.split_metrics(split)
+        metrics["acc"].update(correct)
+        metrics["error"].update(1.0 - correct)
+        self.log_split(split, loss, len(batch.answer))
         return loss
 
     def training_step(self, batch: QABatch, batch_idx: int) -> Tensor:

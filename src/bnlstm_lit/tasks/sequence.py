@@ -1,9 +1,9 @@
 """Whole-sequence tasks: classification (sequential / permuted MNIST) and regression (the adding problem).
 
 Both read the last hidden state of a (BN-)LSTM (:class:`~bnlstm_lit.models.LastStateReadout`). The shared base,
-:class:`SequenceTask`, owns what every task of this family has in common -- building the network from typed
-arguments (the LightningCLI schema), the injected optimizer / LR scheduler, which statistics evaluation uses, and one
-torchmetrics object per split; subclasses only say what the loss and the metric are.
+:class:`SequenceTask`, owns what every task of this family has in common -- building the network from its typed
+settings (``model.init_args.rnn``, the LightningCLI schema), the injected optimizer / LR scheduler, which statistics
+evaluation uses, and one torchmetrics collection per split; subclasses only say what the loss and the metrics are.
 
 Batches are ``(inputs, targets)`` or ``(inputs, targets, lengths)`` with inputs (B, T, input_size).
 """
@@ -21,9 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
 from bnlstm_lit.models import LastStateReadout
-from bnlstm_lit.nn.cell import GammaInit, RecurrentInit
-from bnlstm_lit.nn.layer import CellType
-from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, check_sizes
+from bnlstm_lit.nn import DEFAULTS, BNLSTMSettings
+from bnlstm_lit.tasks.base import BNLSTMTask, EvalStatistics, SplitMetrics, check_sizes, rnn_settings
 
 
 class SequenceTask(BNLSTMTask):
@@ -33,19 +32,10 @@ class SequenceTask(BNLSTMTask):
         input_size: features per step (linked from the DataModule by the CLI).
         output_size: classes, or regression targets (linked from the DataModule).
         max_steps: steps with their own BN statistics, the longest training sequence (linked from the DataModule).
-        hidden_size: LSTM units (100 for MNIST in the paper).
-        num_layers: stacked LSTM layers.
-        normalize: True for the BN-LSTM, False for the LSTM baseline (same graph without the BN sites).
-        gamma_init: initial γ of every BN site (0.1), or per site {"input": γ_x, "recurrent": γ_h, "cell": γ_c}.
-        momentum: running-average rate of the per-step statistics used for monitoring (0.01 for MNIST in the
-            original code); None for a cumulative average.
-        recurrent_init: "orthogonal", or "identity_g" (identity on the candidate block: the paper's MNIST init).
-        h0_noise_std: Gaussian noise on the learned h_0 in training (0.1 for unpermuted sequential MNIST).
-        dropout: between stacked layers.
-        cell: "lstm" (the BN-LSTM), or "tanh" (the BN tanh RNN of the paper's Fig. 1).
-        sync_statistics: under DDP, normalize over the global batch in training (per-step statistics all-reduced
-            over processes; the reference loop runs instead of the fused kernels). Off: each process normalizes
-            with its own batch.
+        rnn: the (BN-)LSTM's settings, :class:`~bnlstm_lit.nn.BNLSTMSettings` (``model.init_args.rnn.hidden_size``,
+            ``.normalize``, ``.gamma_init``, ...; defaults :data:`~bnlstm_lit.nn.DEFAULTS`: 100 units as for MNIST
+            in the paper). The MNIST configs set ``momentum: 0.01`` (the original code's), ``recurrent_init:
+            identity_g`` and, unpermuted, ``h0_noise_std: 0.1``; ``cell: tanh`` is the BN tanh RNN of Fig. 1.
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
     """
 
@@ -54,39 +44,19 @@ class SequenceTask(BNLSTMTask):
         input_size: int,
         output_size: int,
         max_steps: int,
-        hidden_size: int = 100,
-        num_layers: int = 1,
-        normalize: bool = True,
-        gamma_init: GammaInit = 0.1,
-        momentum: float | None = 0.1,
-        recurrent_init: RecurrentInit = "orthogonal",
-        h0_noise_std: float = 0.0,
-        dropout: float = 0.0,
-        cell: CellType = "lstm",
-        sync_statistics: bool = False,
+        rnn: BNLSTMSettings = DEFAULTS,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         eval_statistics: EvalStatistics = "population",
         monitor: str = "val/loss",
     ) -> None:
-        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps, hidden_size=hidden_size)
+        settings = rnn_settings(rnn)
+        check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps,
+                    **{"rnn.hidden_size": settings.hidden_size})  # fmt: skip
         super().__init__(optimizer, lr_scheduler, eval_statistics, monitor)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = LastStateReadout(
-            input_size,
-            output_size,
-            max_steps,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            normalize=normalize,
-            gamma_init=gamma_init,
-            momentum=momentum,
-            recurrent_init=recurrent_init,
-            h0_noise_std=h0_noise_std,
-            dropout=dropout,
-            sync_statistics=sync_statistics,
-            cell=cell,
-        )
+        self.use_rnn_settings(settings)
+        self.net = LastStateReadout(input_size, output_size, max_steps, settings)
         # one metric object per split: their states must never mix (train accumulates while val runs).
         # Attributes, not ModuleDict keys: "train" would shadow nn.Module.train.
         self.train_metrics = self.make_metrics()
@@ -100,17 +70,17 @@ class SequenceTask(BNLSTMTask):
         raise NotImplementedError(f"{type(self).__name__} must define loss(outputs, targets)")
 
     def make_metrics(self) -> MetricCollection:
-        """The metrics of one split, named without the split prefix (e.g. ``acc``)."""
+        """The metrics of one split, named without the split prefix (e.g. ``acc``): logged as ``{split}/acc``, and
+        what a callback may monitor (:meth:`~bnlstm_lit.tasks.BNLSTMTask.monitorable_metrics`)."""
         raise NotImplementedError(f"{type(self).__name__} must define make_metrics()")
 
     def metric_inputs(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """What the metrics are updated with (by default the raw outputs and targets)."""
         return outputs, targets
 
-    def monitorable_metrics(self) -> set[str]:
-        names = {"loss", *self.make_metrics().keys()}
-        fit = {f"{split}/{name}" for split in ("train", "val") for name in names}
-        return fit | {"train/loss_step", "train/loss_epoch"}  # train/loss is logged per step and per epoch
+    def split_metrics(self, split: str) -> SplitMetrics:
+        metrics: MetricCollection = getattr(self, f"{split}_metrics")
+        return metrics
 
     # ---- the network ------------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -138,19 +108,7 @@ class SequenceTask(BNLSTMTask):
         loss = self.loss(outputs, targets)
         metrics: MetricCollection = getattr(self, f"{split}_metrics")
         metrics.update(*self.metric_inputs(outputs.detach(), targets))
-        training = split == "train"
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=training,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(targets),
-            sync_dist=not training,  # evaluation losses averaged over DDP ranks; metrics sync themselves
-        )
-        self.log_dict(
-            {f"{split}/{name}": m for name, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=True
-        )
+        self.log_split(split, loss, len(targets))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
