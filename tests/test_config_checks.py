@@ -12,8 +12,10 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from torch.utils.data import DataLoader, TensorDataset
 
 from bnlstm_lit.cli import BNLSTMCLI, check_monitors
+from bnlstm_lit.nn import BNLSTMSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -95,6 +97,62 @@ def test_a_scheduler_monitor_typo_names_the_model_flag(tmp_path: Path) -> None:
 
 def test_tasks_without_a_metric_list_are_not_checked() -> None:
     check_monitors(L.LightningModule(), L.Trainer(logger=False, callbacks=[L.pytorch.callbacks.EarlyStopping("x")]))
+
+
+def tiny_task_and_data(task: str, tmp_path: Path) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """Each task of the package on data small enough for a two-batch fit, with a tiny network."""
+    from bnlstm_lit.data import AddingProblem, CNNQuestions, synthetic_corpus
+    from bnlstm_lit.data.base import SequenceDataModule
+    from bnlstm_lit.data.textfiles import TextFiles
+    from bnlstm_lit.tasks import (
+        CharLanguageModel,
+        ReadingComprehension,
+        SequenceClassification,
+        SequenceRegression,
+    )
+
+    rnn = BNLSTMSettings(hidden_size=4)
+    if task == "SequenceRegression":
+        return SequenceRegression(2, 1, 6, rnn), AddingProblem(seq_len=6, train_size=16, val_size=8, batch_size=8)
+    if task == "SequenceClassification":
+        inputs, targets = torch.randn(16, 5, 3), torch.arange(16) % 4
+
+        class Random(SequenceDataModule):
+            input_size, output_size, max_steps = 3, 4, 5
+
+            def train_dataloader(self) -> DataLoader:
+                return DataLoader(TensorDataset(inputs, targets), batch_size=8)
+
+            val_dataloader = train_dataloader
+
+        return SequenceClassification(3, 4, 5, rnn), Random()
+    if task == "CharLanguageModel":
+        for split in ("train", "valid", "test"):
+            (tmp_path / f"{split}.txt").write_text("the cat sat on the mat. " * 20)
+        data = TextFiles(str(tmp_path), seq_length=6, batch_size=4)
+        data.prepare_data()
+        data.setup("fit")
+        return CharLanguageModel(data.input_size, data.output_size, data.max_steps, rnn), data
+    synthetic_corpus(tmp_path, 16, 8, 8, seed=0)
+    cnn = CNNQuestions(str(tmp_path), completeness="off", batch_size=4)
+    cnn.prepare_data()
+    cnn.setup("fit")
+    return ReadingComprehension(cnn.input_size, cnn.output_size, cnn.max_steps, rnn), cnn
+
+
+@pytest.mark.parametrize(
+    "task", ["SequenceRegression", "SequenceClassification", "CharLanguageModel", "ReadingComprehension"]
+)
+def test_a_task_logs_exactly_the_metrics_it_declares_monitorable(task: str, tmp_path: Path) -> None:
+    """The names the CLI lets a callback monitor (derived from the task's metric objects) are the names a fit logs:
+    a metric logged but not declared, or declared but never logged, fails here."""
+    torch.manual_seed(0)
+    model, data = tiny_task_and_data(task, tmp_path)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, data)
+    assert set(trainer.callback_metrics) == model.monitorable_metrics()
 
 
 # ---- trainer presets -------------------------------------------------------------------------------------------------
