@@ -48,6 +48,7 @@ from bnlstm_lit.checkpoint import (
 )
 from bnlstm_lit.cli import BNLSTMCLI
 from bnlstm_lit.data import AddingProblem
+from bnlstm_lit.nn import BNLSTMSettings
 from bnlstm_lit.tasks import SequenceRegression
 
 #: the project's CLI with the checkpoint policy (BNLSTMCLI itself once it derives from CheckpointCLIMixin)
@@ -582,7 +583,7 @@ def test_the_trainer_refuses_a_malicious_checkpoint(malicious: tuple[Path, Path]
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=1,
     )
-    model = SequenceRegression(2, 1, 50, hidden_size=16)
+    model = SequenceRegression(2, 1, 50, rnn=BNLSTMSettings(hidden_size=16))
     with pytest.raises(UnsafeCheckpointError, match="evil.ckpt"):
         trainer.validate(model, datamodule=AddingProblem(seq_len=50, batch_size=8), ckpt_path=path)
     assert not marker.exists()
