@@ -56,8 +56,11 @@ def rnn_settings(rnn: BNLSTMSettings | Mapping[str, Any]) -> BNLSTMSettings:
 class BNLSTMTask(L.LightningModule):
     """Base LightningModule: optimization and which statistics the BN sites use in validation, test and predict.
 
-    Subclasses build their network and metrics, call ``save_hyperparameters(ignore=["optimizer", "lr_scheduler"])``
-    in their own ``__init__`` and define the steps.
+    Subclasses take the network's settings as one argument, ``rnn: BNLSTMSettings`` (their default instance states
+    only what differs from :data:`~bnlstm_lit.nn.DEFAULTS`), call ``save_hyperparameters(ignore=["optimizer",
+    "lr_scheduler"])`` and then :meth:`use_rnn_settings` in their own ``__init__``, build their network and metrics,
+    say which metric objects each split logs (:meth:`split_metrics`, logged by :meth:`log_split`) and define the
+    steps.
 
     Args:
         optimizer: optimizer factory, injected by the CLI (``model.init_args.optimizer``).
@@ -145,11 +148,16 @@ class BNLSTMTask(L.LightningModule):
     _pending_rng: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the random state this process will continue from (torch CPU, CUDA devices, Python's ``random``), as
-        tensors and plain Python values so the checkpoint still loads ``weights_only``."""
+        """Save the random state this process will continue from (torch CPU, this process's CUDA device, Python's
+        ``random``), as tensors and plain Python values so the checkpoint still loads ``weights_only``.
+
+        Only the current CUDA device's generator: the one this process draws from (under DDP each process drives one
+        device), and one a machine with fewer visible devices can restore (a state per visible device could not be).
+        Under DDP the checkpoint is rank 0's, so every process resumes from rank 0's states (per-rank states are
+        not saved yet)."""
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda"] = torch.cuda.get_rng_state()
         checkpoint["bnlstm_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -166,8 +174,12 @@ class BNLSTMTask(L.LightningModule):
         if python is not None:  # (version, tuple of ints, gauss) -- lists after some serializations
             version, internal, gauss = python
             random.setstate((version, tuple(internal), gauss))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state.get("cuda")
+        if cuda is not None and torch.cuda.is_available():
+            if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per device visible then
+                cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)] if len(cuda) else None
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)  # the current device's generator
 
     # ---- optimization -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
