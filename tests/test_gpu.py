@@ -117,3 +117,27 @@ def test_mixed_precision_fit_on_gpu(precision, tmp_path):
     for name, value in cli.model.state_dict().items():
         if value.is_floating_point():
             assert value.dtype == torch.float32, name
+
+
+def test_char_lm_forward_on_cuda_never_reads_a_value_on_the_host():
+    """The char LM's symbol-range check is asserted on the device (no host read of min/max per forward), and the
+    unmasked BN-LSTM recurrence has none either: a training forward + backward runs without a host read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bnlstm_lit.models import CharRNN
+
+    class Syncs(TorchDispatchMode):
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func.overloadpacket.__name__ in {"_local_scalar_dense", "item", "equal", "is_nonzero"}:
+                self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = CharRNN(50, 50, 20).to(CUDA)
+    tokens = torch.randint(0, 50, (8, 20), device=CUDA)
+    model(tokens)  # warm-up: kernels compiled outside the mode
+    with Syncs() as mode:
+        logits, _ = model(tokens)
+        logits.sum().backward()
+    assert mode.seen == [], mode.seen

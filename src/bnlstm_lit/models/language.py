@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,7 +34,11 @@ class CharRNN(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         if tokens.dtype.is_floating_point or tokens.dim() != 2:
             raise ValueError(f"CharRNN expects int64 symbol ids (B, T), got {tokens.dtype} {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.input_size):
+        if tokens.numel() and tokens.device.type != "cpu":
+            # on an accelerator a check read on the host would stall every forward: asserted on the device instead
+            in_range = ((tokens >= 0) & (tokens < self.input_size)).all()
+            torch._assert_async(in_range, f"CharRNN: symbol ids must be in [0, {self.input_size})")
+        elif tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.input_size):
             raise ValueError(
                 f"CharRNN: symbol ids must be in [0, {self.input_size}), got ids from {int(tokens.min())} to "
                 f"{int(tokens.max())}; the data's vocabulary does not match the model's input_size"
