@@ -20,10 +20,30 @@ def run(
     (the learned initial state arrives expanded over the batch; cuDNN requires contiguous ones).
     """
     h0, c0 = state
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16:
-        # oneDNN has no fp16 LSTM on CPU ("could not create a primitive descriptor"): run this layer in float32
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if not _FLOAT32_ON_CPU.get(dtype, False):
+            try:
+                return _lstm(x, (h0, c0), weight_ih, weight_hh, bias)
+            except RuntimeError as error:
+                if "primitive descriptor" not in str(error):
+                    raise
+                _FLOAT32_ON_CPU[dtype] = True
+        # oneDNN has no LSTM primitive for this dtype on this CPU (fp16 anywhere, bf16 without the CPU's bf16
+        # instructions: "could not create a primitive descriptor"): this layer runs in float32
         with torch.autocast("cpu", enabled=False):
-            return run(x.float(), (h0.float(), c0.float()), weight_ih, weight_hh, bias)
+            return _lstm(x.float(), (h0.float(), c0.float()), weight_ih, weight_hh, bias)
+    return _lstm(x, (h0, c0), weight_ih, weight_hh, bias)
+
+
+#: autocast dtypes for which oneDNN's CPU LSTM was found to have no primitive here (fp16 has none anywhere)
+_FLOAT32_ON_CPU: dict[torch.dtype, bool] = {torch.float16: True}
+
+
+def _lstm(
+    x: Tensor, state: tuple[Tensor, Tensor], weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    h0, c0 = state
     params = [weight_ih, weight_hh, bias, torch.zeros_like(bias)]  # torch's LSTM has two biases; ours is b_ih + 0
     hx = (h0[None].contiguous(), c0[None].contiguous())
     outputs, h_n, c_n = torch.lstm(x, hx, params, True, 1, 0.0, torch.is_grad_enabled(), False, False)
