@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bnlstm_lit.models import AttentiveReader
-from bnlstm_lit.nn import BNLSTM
+from bnlstm_lit.nn import BNLSTM, BNLSTMSettings
 
 
 def gammas_of(cell: torch.nn.Module) -> dict[str, set[float]]:
@@ -67,18 +67,21 @@ def bn_gammas(reader: AttentiveReader) -> dict[str, set[float]]:
     return {name: {round(v, 6) for v in bn.weight.tolist()} for name, bn in reader.bn.items()}
 
 
+def _rnn(gamma_init) -> BNLSTMSettings:  # type: ignore[no-untyped-def]
+    return BNLSTMSettings(hidden_size=6, gamma_init=gamma_init)
+
+
 def test_reader_sets_encoder_and_attention_sites() -> None:
     gamma_init = {"input": 1.0, "recurrent": 0.1, "cell": 0.5, "attention": 0.25, "ug": 0.05}
-    reader = AttentiveReader(30, 8, 12, hidden_size=6, variant="bn_everywhere", gamma_init=gamma_init)
+    reader = AttentiveReader(30, 8, 12, _rnn(gamma_init), variant="bn_everywhere")
     for encoder in (reader.document, reader.query):
         for cell in encoder.cells:
             assert gammas_of(cell) == {"x": {1.0}, "h": {0.1}, "c": {0.5}}
     assert bn_gammas(reader) == {"ym": {0.25}, "um": {0.25}, "rg": {0.25}, "ug": {0.05}}
-    bilinear = AttentiveReader(30, 8, 12, hidden_size=6, variant="bn_e_star", attention="bilinear",
-                               gamma_init={"su": 2.0})  # fmt: skip
+    bilinear = AttentiveReader(30, 8, 12, _rnn({"su": 2.0}), variant="bn_e_star", attention="bilinear")
     assert bn_gammas(bilinear) == {"su": {2.0}, "rg": {0.1}, "ug": {0.1}}
     assert gammas_of(bilinear.document.cells[0]) == {"x": {0.1}, "h": {0.1}, "c": {0.1}}
-    assert bn_gammas(AttentiveReader(30, 8, 12, hidden_size=6, variant="bn_everywhere", gamma_init=0.3)) == {
+    assert bn_gammas(AttentiveReader(30, 8, 12, _rnn(0.3), variant="bn_everywhere")) == {
         name: {0.3} for name in ("ym", "um", "rg", "ug")
     }
 
@@ -94,5 +97,4 @@ def test_reader_sets_encoder_and_attention_sites() -> None:
 )
 def test_reader_rejects_sites_it_does_not_have(attention: str, gamma_init: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        AttentiveReader(30, 8, 12, hidden_size=6, variant="bn_everywhere", attention=attention,  # type: ignore[arg-type]
-                        gamma_init=gamma_init)  # fmt: skip
+        AttentiveReader(30, 8, 12, _rnn(gamma_init), variant="bn_everywhere", attention=attention)  # type: ignore[arg-type]
