@@ -546,15 +546,18 @@ def test_bad_cell_args_raise(args, kwargs, match):
 
 
 def test_sequence_classification_builds_a_tanh_layer():
+    from bnlstm_lit.nn import BNLSTMSettings
     from bnlstm_lit.tasks import SequenceClassification
 
-    task = SequenceClassification(input_size=2, output_size=4, max_steps=5, hidden_size=H, cell="tanh")
+    task = SequenceClassification(
+        input_size=2, output_size=4, max_steps=5, rnn=BNLSTMSettings(hidden_size=H, cell="tanh")
+    )
     assert task.net.rnn.cell == "tanh"
     assert all(isinstance(c, BNRNNCell) for c in task.net.rnn.cells)
-    assert task.hparams["cell"] == "tanh"
+    assert task.hparams["rnn"]["cell"] == "tanh"
     logits = task(torch.randn(3, 5, 2))
     assert logits.shape == (3, 4)
-    default = SequenceClassification(input_size=2, output_size=4, max_steps=5, hidden_size=H)
+    default = SequenceClassification(input_size=2, output_size=4, max_steps=5, rnn=BNLSTMSettings(hidden_size=H))
     assert default.net.rnn.cell == "lstm" and isinstance(default.net.rnn.cells[0], BNLSTMCell)
 
 
