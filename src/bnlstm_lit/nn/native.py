@@ -372,6 +372,9 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
         *optional, *saved,
     )  # fmt: skip
     ctx.mark_non_differentiable(mean_h, invstd_h, mean_c, invstd_c, mean_x, invstd_x)
+    # the statistics and the saved buffers get no gradient: without this autograd would fill a zero tensor for each
+    # of them (every saved buffer: some hundred MB per training step at the paper's shapes) before the backward
+    ctx.set_materialize_grads(False)
 
 
 def refuse_double_backward() -> None:
