@@ -89,7 +89,6 @@ def choose(
     if not getattr(cell, "fast_paths", False):
         return _reference(f"{type(cell).__name__} has no fast path")
     assert isinstance(cell, BNLSTMCell)
-    native_ok = _native_applies(cell, x, implementation)
     if not cell.normalize:
         packed = None if mask is None else PackedSteps.of(mask)
         if mask is not None and packed is None:
@@ -110,6 +109,7 @@ def choose(
         if packed is None:
             return _reference("a mask whose real positions are not a prefix of the sorted batch")
     autocast = torch.is_autocast_enabled(x.device.type)
+    native_ok = _native_applies(cell, x, implementation)  # after the plain LSTM: it never needs the kernel built
     if statistics == "population":
         tensors = (x, *state, *cell.parameters())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
