@@ -176,6 +176,19 @@ def test_validation_max_batches_bounds_only_the_passes_before_validation_in_fit(
     ]
 
 
+def test_validation_with_batch_statistics_skips_the_estimation_but_test_does_not() -> None:
+    """eval_statistics=batch: validation reads no population statistics, so none are estimated before it (a pass
+    over the training set per validation for nothing); test still estimates (batch-1 protocols fall back to them)."""
+    callback = RecordingStatistics(before_validation=True, max_batches=2)
+    torch.manual_seed(0)
+    model = SequenceRegression(2, 1, 8, rnn=BNLSTMSettings(hidden_size=6), eval_statistics="batch")
+    t = trainer([callback], max_epochs=2, num_sanity_val_steps=0, limit_train_batches=3)
+    t.fit(model, adding())
+    assert callback.calls == []
+    t.test(model, adding(), verbose=False)
+    assert [(c["stage"].value, c["used"]) for c in callback.calls] == [("test", 2)]
+
+
 def test_by_default_validation_keeps_the_running_averages() -> None:
     callback = RecordingStatistics()
     model = regression()

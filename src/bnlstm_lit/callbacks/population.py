@@ -58,6 +58,11 @@ class PopulationStatistics(Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before_validation and not trainer.sanity_checking:
+            if getattr(pl_module, "eval_statistics", "population") == "batch" and batchnorm_sites(pl_module):
+                # model.init_args.eval_statistics=batch: validation would not read the estimate. (Test and predict
+                # still estimate: their batch-1 protocols fall back to population statistics.)
+                rank_zero_info("[bnlstm_lit] validation uses batch statistics: population statistics not estimated")
+                return
             bound = self.validation_max_batches if trainer.state.fn == "fit" else None
             self.estimate(trainer, pl_module, bound or self.max_batches)
 
