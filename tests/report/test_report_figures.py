@@ -51,7 +51,11 @@ def test_curves_figure(tmp_path: Path) -> None:
             "LSTM": {"steps": [1, 3, 5], "values": [0.125, 0.25, 0.5]},
             "BN-LSTM": {"steps": [1, 3], "values": [0.5, 0.875]},
         },
+        "references": {},
     }
+    references = {"paper LSTM": ([2, 4], [0.25, 0.75])}
+    path = figures.curves_figure(curves, "val/acc", tmp_path / "with_paper.png", references=references)
+    assert read_json(path)["references"] == {"paper LSTM": {"steps": [2, 4], "values": [0.25, 0.75]}}
 
 
 def test_curves_figure_with_many_points(tmp_path: Path) -> None:

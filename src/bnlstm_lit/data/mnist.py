@@ -131,8 +131,8 @@ def mnist_permutation(kind: Literal["randperm", "paper_randint"], seed: int = 0)
 
     ``"randperm"``: a true permutation drawn from ``torch.Generator().manual_seed(seed)``.
     ``"paper_randint"``: the authors' Theano code's vector ``numpy.random.RandomState(1).randint(0, 784, 784)``, drawn
-    *with replacement*: only 501 distinct pixels are ever shown (SPEC Sec. 3). Ignores ``seed``. Use it only to
-    compare with the paper's numbers.
+    *with replacement*: only 501 distinct pixels are ever shown. Ignores ``seed``. Use it only to compare with the
+    paper's numbers.
     """
     if kind == "randperm":
         return torch.randperm(_NUM_PIXELS, generator=torch.Generator().manual_seed(seed))

@@ -31,6 +31,7 @@ from bnlstm_lit.report import analysis, figures
 from bnlstm_lit.report.paper import (
     PAPER,
     PAPER_CONVERGENCE,
+    PAPER_CURVES,
     PAPER_GRADIENT_FLOW,
     PAPER_STATIONARITY,
     PAPER_SWEEP_L1000,
@@ -90,8 +91,60 @@ def make_gamma_figures(
 
 
 # ---- Fig. 2 / 3a, 3b, App. A -----------------------------------------------------------------------------------
-def make_curves_figure(runs: Sequence[Run], metric: str, path: Path, title: str = "") -> Path:
-    return figures.curves_figure({run.label: run.curve(metric) for run in runs}, metric, path, title)
+def make_curves_figure(runs: Sequence[Run], metric: str, path: Path, title: str = "", paper: bool = True) -> Path:
+    """The runs' ``metric`` against steps; with ``paper``, the paper's points of the same experiment, metric and
+    models (:data:`~bnlstm_lit.report.paper.PAPER_CURVES`) up to the runs' last step are drawn on the same axes."""
+    curves = {run.label: run.curve(metric) for run in runs}
+    return figures.curves_figure(curves, metric, path, title, paper_references(runs, metric) if paper else None)
+
+
+def paper_references(runs: Sequence[Run], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """The paper's curve points for the experiments and models of ``runs`` that log ``metric``, cut at the last step
+    the runs reached (a 5k-step run is drawn against the paper's first 5k steps, not squeezed by its 20k)."""
+    last = max((run.curve(metric)[0][-1] for run in runs if run.scalars.get(metric)), default=0)
+    references: dict[str, tuple[list[int], list[float]]] = {}
+    for run in runs:
+        curve = PAPER_CURVES.get(run.experiment or "", {}).get(run.variant)
+        label = f"paper {run.variant}"
+        if curve is None or curve.metric != metric or label in references:
+            continue
+        points = [(step, value) for step, value in curve.points if step <= last * 1.05]
+        if points:
+            references[label] = ([step for step, _ in points], [value for _, value in points])
+    return references
+
+
+def _value_at(run: Run, metric: str, step: int) -> tuple[int, float] | None:
+    """The run's ``metric`` logged at ``step`` (or within 1% of it: Lightning logs validation at the global step, which
+    an epoch's last partial batch or a resumed run can move by a few steps), as (logged step, value)."""
+    values = run.scalars.get(metric, [])
+    near = [v for v in values if abs(v.step - step) <= max(2, step // 100)]
+    if not near:
+        return None
+    best = min(near, key=lambda v: abs(v.step - step))
+    return best.step, best.value
+
+
+def paper_points_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Ours at step N against the paper at step N: one row per paper point of each run's experiment and model
+    that the run reached, and (accuracy curves) the first step at which each reached 90%."""
+    rows = []
+    for run in runs:
+        curve = PAPER_CURVES.get(run.experiment or "", {}).get(run.variant)
+        if curve is None or curve.metric not in run.scalars:
+            continue
+        for step, paper in curve.points:
+            ours = _value_at(run, curve.metric, step)
+            if ours is not None:
+                rows.append({"run": run.label, "metric": curve.metric, "step": step, "logged_step": ours[0],
+                             "ours": ours[1], "paper": paper, "difference": ours[1] - paper})  # fmt: skip
+        if curve.first_above is not None:
+            steps, values = run.curve(curve.metric)
+            reached = next((s for s, v in zip(steps, values, strict=True) if v >= 0.9), None)
+            rows.append({"run": run.label, "metric": f"first step with {curve.metric} ≥ 0.90", "step": None,
+                         "logged_step": steps[-1], "ours": reached, "paper": curve.first_above,
+                         "difference": None})  # fmt: skip
+    return rows
 
 
 def sweep_lines(runs: Sequence[Run]) -> dict[str, dict[int, float]]:
@@ -236,6 +289,26 @@ def build_report(
         if experiment in PAPER_CONVERGENCE:
             lines.append(f"- Paper: {PAPER_CONVERGENCE[experiment]}.")
         lines.append("")
+    paper_rows = paper_points_table(runs)
+    if paper_rows:
+        lines += [
+            "## Ours against the paper's curves, point by point",
+            "",
+            "| Run | Metric | Step | Ours | Paper | Difference |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in paper_rows:
+            if row["step"] is None:  # first step reaching 90%: "not by step N" where the run stopped before
+                ours = row["ours"] if row["ours"] is not None else f"not by step {row['logged_step']}"
+                lines.append(f"| {row['run']} | {row['metric']} | – | {ours} | {row['paper']} | – |")
+                continue
+            step = row["step"] if row["logged_step"] == row["step"] else f"{row['step']} (logged {row['logged_step']})"
+            lines.append(
+                f"| {row['run']} | {row['metric']} | {step} | {row['ours']:.3f} | {row['paper']:.3f} | "
+                f"{row['difference']:+.3f} |"
+            )
+        lines.append("")
+        summary["paper_points"] = paper_rows
 
     # Fig. 3b
     sweep = sweep_lines(runs)
@@ -360,6 +433,9 @@ def parser() -> argparse.ArgumentParser:
     curves.add_argument("--metric", default="val/loss", help="logged metric name, e.g. val/acc or val/bpc")
     curves.add_argument("--out", required=True, type=Path, help="PNG file")
     curves.add_argument("--title", default="")
+    curves.add_argument(
+        "--no-paper", action="store_true", help="do not draw the paper's points of the runs' experiment and models"
+    )
 
     sweep = sub.add_parser("sweep", help="Fig. 3b: test bits/char vs test length")
     sweep.add_argument("--run", action="append", required=True, help="LABEL=DIR or DIR (repeatable)")
@@ -401,7 +477,9 @@ def main(args: Sequence[str] | None = None) -> int:
                 print(f"γ={gamma:g}: ||dloss/dh_t|| t=0 {curve[0]:.3e}, t=T/2 {middle:.3e}, t=T-1 {curve[-1]:.3e}")
             print(f"wrote {options.out / 'gradient_flow.png'} and {options.out / 'tanh_derivative.png'}")
         elif options.figure == "curves":
-            print(f"wrote {make_curves_figure(load_runs(options.run), options.metric, options.out, options.title)}")
+            runs = load_runs(options.run)
+            path = make_curves_figure(runs, options.metric, options.out, options.title, not options.no_paper)
+            print(f"wrote {path}")
         elif options.figure == "sweep":
             print(f"wrote {make_sweep_figure(load_runs(options.run), options.out)}")
         elif options.figure == "stats":

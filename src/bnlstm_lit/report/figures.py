@@ -84,13 +84,20 @@ def tanh_derivative_figure(data: Mapping[str, Sequence[float]], path: Path) -> P
 
 
 def curves_figure(
-    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], metric: str, path: Path, title: str = ""
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    metric: str,
+    path: Path,
+    title: str = "",
+    references: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
 ) -> Path:
-    """Fig. 2 / 3a: validation curves of several runs on the same axes, training steps on x."""
+    """Fig. 2 / 3a: validation curves of several runs on the same axes, training steps on x; ``references`` (e.g.
+    the paper's points, :data:`~bnlstm_lit.report.paper.PAPER_CURVES`) are drawn as black markers on dotted lines."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=FIGSIZE)
     for label, (steps, values) in curves.items():
         axis.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
+    for (label, (steps, values)), marker in zip((references or {}).items(), "sD^v<>", strict=False):
+        axis.plot(steps, values, color="black", linestyle=":", marker=marker, markerfacecolor="none", label=label)
     axis.set_xlabel("training step")
     axis.set_ylabel(metric)
     if title:
@@ -101,6 +108,7 @@ def curves_figure(
     data = {
         "metric": metric,
         "curves": {label: {"steps": list(s), "values": list(v)} for label, (s, v) in curves.items()},
+        "references": {label: {"steps": list(s), "values": list(v)} for label, (s, v) in (references or {}).items()},
     }
     return save_figure(figure, path, data)
 
