@@ -105,9 +105,13 @@ class BNLSTMCell(nn.Module):
         input_statistics: ``"per_step"``, or ``"sequence"``: the input term's statistics are shared over time
             (masked over every real position; the paper's BN-e*).
 
-    Parameters:
-        weight_ih (4H, I), weight_hh (4H, H), bias (4H,), and with normalization bn_x.weight (4H,) = γ_x,
-        bn_h.weight (4H,) = γ_h, bn_c.weight / bn_c.bias (H,) = γ_c / β_c.
+    Attributes:
+        weight_ih: W_x, (4H, I).
+        weight_hh: W_h, (4H, H).
+        bias: b, (4H,) (a zero buffer with ``bias=False``).
+        bn_x: with normalization, the input term's batch norm: ``bn_x.weight`` (4H,) = γ_x; else None.
+        bn_h: the recurrent term's: ``bn_h.weight`` (4H,) = γ_h; else None.
+        bn_c: the cell's: ``bn_c.weight`` / ``bn_c.bias`` (H,) = γ_c / β_c; else None.
     """
 
     fast_paths: ClassVar[bool] = True
@@ -210,13 +214,23 @@ class BNRNNCell(nn.Module):
     :class:`~bnlstm_lit.nn.BNLSTM` layer runs it (``cell="tanh"``), always on the reference loop.
 
     Args:
-        input_size, hidden_size, max_steps, normalize, gamma_init, eps, momentum: as :class:`BNLSTMCell`.
+        input_size: as :class:`BNLSTMCell`.
+        hidden_size: as :class:`BNLSTMCell`.
+        max_steps: as :class:`BNLSTMCell`.
+        normalize: as :class:`BNLSTMCell`.
+        gamma_init: as :class:`BNLSTMCell` (the sites ``input`` and ``recurrent``).
+        eps: as :class:`BNLSTMCell`.
+        momentum: as :class:`BNLSTMCell`.
         forget_bias: ignored (no gates); accepted so the layer passes one set of arguments to every cell.
         recurrent_init: ``"orthogonal"`` or ``"identity_g"`` (W_h is the identity).
 
-    Parameters:
-        weight_ih (H, I), weight_hh (H, H), bias (H,) starting at 0, and with normalization bn_x.weight (H,) = γ_x,
-        bn_h.weight (H,) = γ_h.
+    Attributes:
+        weight_ih: W_x, (H, I).
+        weight_hh: W_h, (H, H).
+        bias: b, (H,), starting at 0.
+        bn_x: with normalization, the input term's batch norm: ``bn_x.weight`` (H,) = γ_x; else None.
+        bn_h: the recurrent term's: ``bn_h.weight`` (H,) = γ_h; else None.
+        bn_c: always None (no cell); present so code can ask every cell.
     """
 
     fast_paths: ClassVar[bool] = False

@@ -80,5 +80,5 @@ class BNLSTMSettings:
         return dataclasses.replace(self, **changes)
 
 
-#: The defaults, for signatures that take single settings (the layer, the cells).
 DEFAULTS = BNLSTMSettings()
+"""The defaults, for signatures that take single settings (the layer, the cells)."""
