@@ -419,7 +419,7 @@ def test_build_report(
     rows = table_rows(markdown)
     assert list(rows) == ["LSTM", "BN-LSTM", "PTB BN-LSTM"]
     lstm, bn, ptb = rows["LSTM"], rows["BN-LSTM"], rows["PTB BN-LSTM"]
-    # | Run | Task | Model | Metric | Ours | Paper | Difference | Settings | Run time |
+    # | Run | Task | Model | Metric | Ours | Paper | Difference | Settings | Run time | Step time |
     assert lstm[1:7] == ["Sequential MNIST", "LSTM", "– (accuracy %)", "–", "98.90", "–"]
     assert bn[1:7] == ["Sequential MNIST", "BN-LSTM", "test/acc (accuracy %)", f"{test_acc * 100:.2f}", "99.00",
                        f"{test_acc * 100 - 99.0:.2f}"]  # fmt: skip
@@ -429,6 +429,8 @@ def test_build_report(
         assert "hidden=16" in cells[7] and "batch=8" in cells[7] and "steps=4" in cells[7]
     assert "γ=0.1" in bn[7] and "γ" not in lstm[7]
     assert all(":" in cells[8] for cells in (lstm, bn, ptb))  # a run time m:ss
+    for cells in (lstm, bn):  # TensorBoard wall times: the median time of a training step
+        assert cells[9].endswith(" s") and float(cells[9][:-2]) > 0, cells[9]
 
     # report.json agrees with the logs
     summary = json.loads((out / "report.json").read_text())

@@ -393,3 +393,11 @@ def test_settle_step_tolerates_late_noise_but_not_an_early_transient() -> None:
     assert analysis.settle_step(mean, var) == 0
     var[:k] = 10.0
     assert analysis.settle_step(mean, var) == k
+
+
+def test_step_time_is_the_median_rate_between_logged_training_losses() -> None:
+    """Steps 0, 50, 100, 150 logged 10 s apart, then 60 s for the next 50 (a validation in between): 0.2 s/step."""
+    times = [(0, 0.0), (50, 10.0), (100, 20.0), (150, 30.0), (200, 90.0)]
+    run = Run("r", [], {"train/loss_step": [Scalar(step, 1.0, wall) for step, wall in times]})
+    assert run.step_time_s == pytest.approx(0.2)
+    assert Run("csv", [], {"train/loss": [Scalar(0, 1.0), Scalar(50, 0.5)]}).step_time_s is None

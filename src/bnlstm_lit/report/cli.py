@@ -206,6 +206,10 @@ def _format(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _seconds(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.2f} s"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -236,6 +240,7 @@ def results_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "difference": None if ours is None else ours[1] - reference,
                 "settings": settings_of(run),
                 "duration_s": run.duration_s,
+                "step_time_s": run.step_time_s,
             }
         )
     return rows
@@ -255,17 +260,17 @@ def build_report(
     lines += [
         "## Results",
         "",
-        "| Run | Task | Model | Metric | Ours | Paper | Difference | Settings | Run time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Run | Task | Model | Metric | Ours | Paper | Difference | Settings | Run time | Step time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['run']} | {row['task']} | {row['model']} | {row['metric'] or '–'} ({row['unit']}) | "
             f"{_format(row['ours'], 2)} | {row['paper']:.2f} | {_format(row['difference'], 2)} | {row['settings']} | "
-            f"{_duration(row['duration_s'])} |"
+            f"{_duration(row['duration_s'])} | {_seconds(row['step_time_s'])} |"
         )
     if not rows:
-        lines.append("| (no run of a paper experiment) | | | | | | | | |")
+        lines.append("| (no run of a paper experiment) | | | | | | | | | |")
     lines.append("")
     summary: dict[str, Any] = {"results": rows}
 

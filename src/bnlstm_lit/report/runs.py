@@ -87,6 +87,23 @@ class Run:
         return max(steps) if steps else None
 
     @property
+    def step_time_s(self) -> float | None:
+        """Seconds per training step: the median over consecutive logged training losses (TensorBoard wall times) of
+        the time between them over the steps between them. The median leaves out the intervals that hold a
+        validation or a population-statistics pass. None without wall times (CSV logs)."""
+        for name in ("train/loss_step", "train/loss"):
+            timed = [v for v in self.scalars.get(name, []) if v.wall_time is not None]
+            rates = sorted(
+                (b.wall_time - a.wall_time) / (b.step - a.step)  # type: ignore[operator]
+                for a, b in zip(timed, timed[1:], strict=False)
+                if b.step > a.step
+            )
+            if rates:
+                middle = len(rates) // 2
+                return rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+        return None
+
+    @property
     def training_steps(self) -> int | None:
         """Training steps the run logged: one more than the last step of a ``train/`` metric (None without any)."""
         steps = [v.step for name, values in self.scalars.items() if name.startswith("train/") for v in values]
