@@ -1,7 +1,7 @@
 """The command line end to end: every shipped config runs, checkpoints are reused, custom classes plug in, errors.
 
 Every run combines its config with ``configs/debug.yaml`` (a few small batches, a narrow network) and writes into a
-temporary folder. MNIST configs read the real files in ``../shared/data/mnist``.
+temporary folder. MNIST configs read the real files in the offline data folder (tests/offline_data.py).
 """
 
 from __future__ import annotations
@@ -498,7 +498,7 @@ def test_mnist_without_files_names_the_missing_ones(shared_data: Path, tmp_path:
     present = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
     for name in present:
         if not (shared_data / "mnist" / name).is_file():
-            pytest.skip("shared MNIST files not available")
+            pytest.skip(f"MNIST files not found in {shared_data / 'mnist'}")
         (data_dir / name).symlink_to(shared_data / "mnist" / name)
     with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\.gz, t10k-labels-idx1-ubyte\.gz") as exc:
         call_main(["fit", f"--config={CONFIGS / 'smnist_bnlstm.yaml'}", f"--config={DEBUG}", *QUIET,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnlstm_lit.cli import BNLSTMCLI, check_monitors
 from bnlstm_lit.nn import BNLSTMSettings
+from offline_data import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,8 +24,8 @@ DEBUG = CONFIGS / "debug.yaml"
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "debug.yaml")
 PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SHARED = ROOT.parent / "shared" / "data"
-DATA_ARGS = {  # the offline copies (../shared/data) for the configs that read files
+SHARED = data_root()  # the offline data copies (tests/offline_data.py)
+DATA_ARGS = {  # for the configs that read files
     "mnist": [f"--data.init_args.data_dir={SHARED / 'mnist'}"],
     "ptb": [f"--data.init_args.data_dir={SHARED / 'ptb'}"],
     "text8": [f"--data.init_args.data_dir={SHARED / 'text8'}", "--data.init_args.archive=text8_prefix.zip",
@@ -44,7 +45,7 @@ def data_args(config: Path, request: pytest.FixtureRequest | None = None) -> lis
             "--data.init_args.completeness=off",
         ]
     if not (SHARED / corpus).is_dir():
-        pytest.skip(f"shared {corpus} data not found in {SHARED}")
+        pytest.skip(f"{corpus} data not found in {SHARED / corpus}")
     return DATA_ARGS[corpus]
 
 

@@ -18,11 +18,12 @@ import yaml
 from lightning.pytorch.plugins import MixedPrecision
 
 from bnlstm_lit.cli import BNLSTMCLI
+from offline_data import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DEBUG = CONFIGS / "debug.yaml"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = data_root()  # the offline data copies (tests/offline_data.py)
 FAMILIES = ["adding_bnlstm.yaml", "smnist_bnlstm.yaml", "ptb_bnlstm.yaml", "ptb_lstm.yaml"]
 #: largest relative difference of a training loss from the float32 run. bf16: all 3 steps (measured here: at most
 #: 1.7e-3, adding problem). fp16: the first step only -- the GradScaler may skip early steps while it finds its
@@ -49,7 +50,7 @@ def fit(config: str, precision: str, root: Path) -> tuple[list[float], dict[str,
     if "data_dir" in init_args:
         corpus = SHARED / Path(str(init_args["data_dir"])).name
         if not corpus.is_dir():
-            pytest.skip(f"shared data not found in {corpus}")
+            pytest.skip(f"data not found in {corpus}")
         extra.append(f"--data.init_args.data_dir={corpus}")
     threads, argv = torch.get_num_threads(), sys.argv
     torch.set_num_threads(1)

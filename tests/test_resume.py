@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from offline_data import data_root
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = data_root()  # the offline data copies (tests/offline_data.py)
 TOTAL, KILL = 7, 3  # optimizer steps; the interrupted run dies at the end of step KILL (4 batches per epoch)
 # (step 3: mid-epoch 0; step 6: mid-epoch 1, where the epoch's order must be set before the loader's first batch)
 
@@ -76,7 +78,7 @@ CASES = {
 def test_killed_and_resumed_run_equals_the_uninterrupted_run(case: str, kill: int, tmp_path: Path) -> None:
     config, extra = CASES[case]
     if case == "ptb" and not (SHARED / "ptb").is_dir():
-        pytest.skip("shared PTB data not found")
+        pytest.skip(f"PTB data not found in {SHARED / 'ptb'}")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir()
     broken.mkdir()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from bnlstm_lit.data.download import check_file, download_url, file_md5
+from offline_data import data_root
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-T10K_LABELS = SHARED_DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"
+T10K_LABELS = data_root() / "mnist" / "t10k-labels-idx1-ubyte.gz"
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_file_md5_matches_hashlib_for_any_chunk_size(source: tuple[Path, str]) -
 
 def test_file_md5_of_the_real_mnist_file() -> None:
     if not T10K_LABELS.is_file():
-        pytest.skip(f"shared MNIST data not found at {T10K_LABELS}")
+        pytest.skip(f"MNIST data not found at {T10K_LABELS}")
     assert file_md5(T10K_LABELS) == "ec29112dd5afa0611ce80d1b7f02629c"  # SOURCES.md, section 1
 
 

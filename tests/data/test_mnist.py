@@ -1,4 +1,5 @@
-"""Sequential and permuted MNIST DataModules, on the real files in ../shared/data/mnist (offline, read-only)."""
+"""Sequential and permuted MNIST DataModules, on the real files in the offline data folder's mnist/ (read-only;
+see tests/offline_data.py)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from bnlstm_lit.data.mnist import (
     read_idx_images,
     read_idx_labels,
 )
+from offline_data import data_root
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-MNIST_DIR = SHARED_DATA / "mnist"
+MNIST_DIR = data_root() / "mnist"
 TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = MNIST_FILES
 
 
@@ -37,7 +38,7 @@ TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = MNIST_FILES
 def mnist_dir() -> Path:
     missing = [name for name in MNIST_FILES if not (MNIST_DIR / name).is_file()]
     if missing:
-        pytest.skip(f"shared MNIST files not found in {MNIST_DIR}: {missing}")
+        pytest.skip(f"MNIST files not found in {MNIST_DIR}: {missing}")
     return MNIST_DIR
 
 
