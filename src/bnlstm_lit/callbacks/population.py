@@ -9,9 +9,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import IterableDataset
 
+from bnlstm_lit.console import info
 from bnlstm_lit.nn import batchnorm_sites, estimate_population_statistics
 
 
@@ -61,7 +61,7 @@ class PopulationStatistics(Callback):
             if getattr(pl_module, "eval_statistics", "population") == "batch" and batchnorm_sites(pl_module):
                 # model.init_args.eval_statistics=batch: validation would not read the estimate. (Test and predict
                 # still estimate: their batch-1 protocols fall back to population statistics.)
-                rank_zero_info("[bnlstm_lit] validation uses batch statistics: population statistics not estimated")
+                info("[bnlstm_lit] validation uses batch statistics: population statistics not estimated")
                 return
             bound = self.validation_max_batches if trainer.state.fn == "fit" else None
             self.estimate(trainer, pl_module, bound or self.max_batches)
@@ -117,7 +117,7 @@ class PopulationStatistics(Callback):
             pl_module, batches, forward=forward, max_batches=max_batches, distributed=world > 1
         )
         where = f" on rank {rank} of {world} (combined over all ranks)" if world > 1 else ""
-        rank_zero_info(
+        info(
             f"[bnlstm_lit] population statistics estimated over {used} training batches{where} "
             f"in {time.perf_counter() - start:.1f}s"
         )

@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Sampler
+
+from bnlstm_lit.console import info
 
 
 class ResumableSampler(Protocol):
@@ -133,7 +135,7 @@ class SequenceDataModule(L.LightningDataModule, ABC):
             rank_zero_warn(f"resuming mid-epoch under DDP: epoch {trainer.current_epoch} restarts from its beginning")
             return
         sampler.skip(batches * batch_size)
-        rank_zero_info(
+        info(
             f"[bnlstm_lit] resuming epoch {trainer.current_epoch} after its first {batches} training batches, in the "
             "same order"
         )

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from bnlstm_lit.console import info
 from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
 
 EvalStatistics = Literal["population", "batch"]
@@ -133,7 +133,7 @@ class BNLSTMTask(L.LightningModule):
     def _use_eval_statistics(self, stage: str) -> None:
         set_eval_statistics(self, self.eval_statistics)
         if batchnorm_sites(self) and not (stage == "validation" and self.trainer.sanity_checking):
-            rank_zero_info(f"[bnlstm_lit] {stage} uses {self.eval_statistics} statistics in every BN site")
+            info(f"[bnlstm_lit] {stage} uses {self.eval_statistics} statistics in every BN site")
 
     def on_validation_start(self) -> None:
         self._use_eval_statistics("validation")
