@@ -267,9 +267,11 @@ def test_bad_prime_is_named(tmp_path: Path, prime: str) -> None:
 
 @pytest.mark.parametrize("name", ["prime", "sample_length", "num_samples", "temperature"])
 def test_sampling_settings_are_not_the_datamodules(tmp_path: Path, name: str) -> None:
-    """They moved to the task (CharLanguageModel); the DataModule refuses them rather than ignoring them."""
-    with pytest.raises(TypeError, match=name):
-        TextFiles(data_dir=str(tmp_path), **{name: 1})
+    """They moved to the task (CharLanguageModel): the DataModule still takes them, so that checkpoints saved before
+    load for predict, but ignores them with a warning naming the old and the new flag, and does not save them."""
+    with pytest.warns(FutureWarning, match=rf"data\.init_args\.{name}=1: .*ignored.*model\.init_args\.{name}"):
+        dm = TextFiles(data_dir=str(tmp_path), **{name: 1})
+    assert name not in dm.hparams and not hasattr(dm, name)
 
 
 # ------------------------------------------------------------------------------------------------------ paper mode

@@ -546,7 +546,7 @@ def test_bad_sampling_settings_name_the_flag(kwargs: dict, flag: str) -> None:
 def test_a_prime_outside_the_alphabet_is_named_at_predict(in_tmp_path: Path) -> None:
     dm = corpus(in_tmp_path)
     model = tiny(input_size=dm.input_size, output_size=dm.output_size, max_steps=dm.max_steps, prime="abz")
-    with pytest.raises(ValueError, match=r"prime \(model\.init_args\.prime\): character 'z'"):
+    with pytest.raises(ValueError, match=r"prime \(model\.init_args\.prime\) has 1 character outside .*: 'z'"):
         quiet_trainer().predict(model, datamodule=dm)
 
 

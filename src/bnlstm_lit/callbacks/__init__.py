@@ -3,7 +3,7 @@
 from bnlstm_lit.callbacks.diagnostics import GradientFlow, StatisticsStationarity
 from bnlstm_lit.callbacks.failsafe import NonFiniteError, NonFiniteGuard, NonFiniteWarning
 from bnlstm_lit.callbacks.population import PopulationStatistics
-from bnlstm_lit.callbacks.predictions import PredictionWriter
+from bnlstm_lit.callbacks.predictions import PredictionWriter, SampleWriter
 
 __all__ = [
     "GradientFlow",
@@ -12,5 +12,6 @@ __all__ = [
     "NonFiniteWarning",
     "PopulationStatistics",
     "PredictionWriter",
+    "SampleWriter",
     "StatisticsStationarity",
 ]

@@ -1,4 +1,4 @@
-"""Writing what ``predict`` returns to disk."""
+"""Writing what ``predict`` returns: every output to ``predictions.pt``, sampled text to stdout and ``samples.txt``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+
+from bnlstm_lit.console import info, write_stdout
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -43,7 +44,72 @@ class PredictionWriter(BasePredictionWriter):
         finally:
             tmp.unlink(missing_ok=True)  # only left if saving failed
         self.last_path = path
-        rank_zero_info(f"[bnlstm_lit] predictions written to {path}")
+        info(f"[bnlstm_lit] predictions written to {path}")
+
+
+class SampleWriter(Callback):
+    """Print the texts a ``predict`` run samples to stdout and write the same to ``samples.txt``.
+
+    Reads the outputs of ``predict_step`` that hold ``"text"`` (a list of sampled continuations) and, optionally,
+    ``"prompt"`` (the priming text of each): :class:`~bnlstm_lit.tasks.CharLanguageModel` adds this callback itself.
+    At the end of the run, rank zero prints every sample -- its priming text and continuation, after a line
+    ``--- sample k of N ---`` -- to stdout, which then holds the samples and nothing else (progress and log records
+    go to stderr), and writes the same text to ``samples.txt`` in ``output_dir`` (by default the run's log directory,
+    beside ``predictions.pt``), through a temporary name and a rename.
+
+    Args:
+        output_dir: folder for ``samples.txt`` (created if needed); None: ``trainer.log_dir``.
+        filename: the file's name.
+    """
+
+    def __init__(self, output_dir: str | None = None, filename: str = "samples.txt") -> None:
+        self.output_dir = output_dir
+        self.filename = filename
+        self.samples: list[str] = []  # the last run's, priming text and continuation each
+        self.last_path: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.samples = []
+
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or not isinstance(outputs.get("text"), list):
+            return
+        texts = outputs["text"]
+        prompts = outputs.get("prompt")
+        if not isinstance(prompts, list) or len(prompts) != len(texts):
+            prompts = [""] * len(texts)
+        self.samples.extend(f"{prompt}{text}" for prompt, text in zip(prompts, texts, strict=True))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.samples or not trainer.is_global_zero:
+            return
+        text = format_samples(self.samples)
+        folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.filename
+        tmp = path.with_name(f".{self.filename}.part")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # only left if writing failed
+        self.last_path = path
+        write_stdout(text)
+        info(f"[bnlstm_lit] {len(self.samples)} sample{'s' if len(self.samples) > 1 else ''} written to {path}")
+
+
+def format_samples(samples: list[str]) -> str:
+    """The samples as plain text: each after a line ``--- sample k of N ---`` and ending with a newline of its own."""
+    n = len(samples)
+    return "".join(f"--- sample {k} of {n} ---\n{sample}\n" for k, sample in enumerate(samples, 1))
 
 
 def _concatenate(batches: list[Any], several_dataloaders: bool) -> Any:

@@ -228,7 +228,7 @@ def _as_is(text: str) -> str:
 class SampleRequest(NamedTuple):
     """What ``predict`` gets from a character corpus: only data -- its alphabet and how free text maps onto it.
 
-    The sampling settings (the priming text, how many symbols, how many samples, the temperature) belong to the task
+    The sampling settings (the priming text, how many symbols and samples, the temperature, top-k) belong to the task
     (:class:`~bnlstm_lit.tasks.CharLanguageModel`), which encodes its prime with :meth:`encode`.
 
     ``vocabulary`` encodes and decodes the ids; ``default_prime`` is the corpus's prime when the task names none;
@@ -242,12 +242,20 @@ class SampleRequest(NamedTuple):
     readable: Callable[[str], str] = _as_is
 
     def encode(self, text: str | None, where: str = "prime") -> Tensor:
-        """Free text (None: ``default_prime``) -> ids int64 (P,). An empty text or a character outside the alphabet
-        raises a ValueError naming ``where`` (the flag the text came from)."""
-        ids = self.vocabulary.encode(self.writable(self.default_prime if text is None else text), where)
-        if ids.numel() == 0:
+        """Free text (None: ``default_prime``) -> ids int64 (P,). An empty text, or characters outside the alphabet
+        (all of them named), raise a ValueError naming ``where`` (the flag the text came from)."""
+        written = self.writable(self.default_prime if text is None else text)
+        if not written:
             raise ValueError(f"{where} must hold at least one character to start sampling from")
-        return ids
+        symbols = self.vocabulary.symbols
+        unknown = list(dict.fromkeys(c for c in written if c not in symbols))  # in order of first appearance
+        if unknown:
+            raise ValueError(
+                f"{where} has {len(unknown)} character{'s' if len(unknown) > 1 else ''} outside the corpus's "
+                f"vocabulary: {', '.join(map(repr, unknown))} (the vocabulary's {len(symbols)} symbols: "
+                f"{''.join(symbols)!r})"
+            )
+        return self.vocabulary.encode(written, where)
 
 
 class ExampleDataset(Dataset[Tensor]):
@@ -399,6 +407,28 @@ def _only_item(items: list[SampleRequest]) -> SampleRequest:
     return items[0]
 
 
+#: Sampling settings that were :class:`CharCorpus` arguments before they moved to the task, with their flags now.
+MOVED_SAMPLING_SETTINGS = {
+    "prime": "model.init_args.prime",
+    "sample_length": "model.init_args.sample_length",
+    "num_samples": "model.init_args.num_samples",
+    "temperature": "model.init_args.temperature",
+}
+
+
+def _warn_moved_sampling_settings(given: dict[str, Any]) -> None:
+    """One warning naming every moved sampling setting given to the DataModule (old checkpoints store them all)."""
+    named = [f"data.init_args.{name}={value!r}" for name, value in given.items() if value is not None]
+    if named:
+        flags = ", ".join(MOVED_SAMPLING_SETTINGS[name] for name, value in given.items() if value is not None)
+        warnings.warn(
+            f"{', '.join(named)}: sampling settings are no longer the data's and are ignored (a checkpoint saved "
+            f"before they moved carries them); set them on the task instead: {flags}",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
 # ------------------------------------------------------------------------------------------------------ DataModules
 
 
@@ -424,6 +454,9 @@ class CharCorpus(SequenceDataModule):
         num_workers: DataLoader workers (at most 1 for stateful streams).
         pin_memory: page-locked batches for faster host-to-GPU copies.
         seed: seeds the per-epoch offsets and shuffles of paper mode.
+        prime, sample_length, num_samples, temperature: no longer the data's -- sampling is set on the task
+            (``model.init_args.<name>``); accepted so that checkpoints saved when they were still here load for
+            ``predict --ckpt_path``, and ignored with a warning naming them.
     """
 
     symbols: ClassVar[str | None] = None
@@ -443,8 +476,15 @@ class CharCorpus(SequenceDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        prime: str | None = None,
+        sample_length: int | None = None,
+        num_samples: int | None = None,
+        temperature: float | None = None,
     ) -> None:
         super().__init__()
+        _warn_moved_sampling_settings(
+            {"prime": prime, "sample_length": sample_length, "num_samples": num_samples, "temperature": temperature}
+        )
         for name, value in (
             ("seq_length", seq_length),
             ("batch_size", batch_size),
@@ -472,7 +512,7 @@ class CharCorpus(SequenceDataModule):
                 f"num_workers (data.init_args.num_workers) must be 0 or 1 with mode='stateful' (each stream is read "
                 f"in order by one process), got {num_workers}"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(MOVED_SAMPLING_SETTINGS))
         self.data_dir = Path(data_dir).expanduser()
         self.download = download
         self.seq_length = seq_length
@@ -678,12 +718,15 @@ class CharCorpus(SequenceDataModule):
             ]
         return self._evaluation("test", "test")
 
+    def sample_request(self) -> SampleRequest:
+        """What ``predict`` samples from: the alphabet and how free text maps onto it (:class:`SampleRequest`)."""
+        return SampleRequest(self.vocabulary, self.default_prime, self.text_to_corpus, self.corpus_to_text)
+
     def predict_dataloader(self) -> DataLoader:
         """One batch: a :class:`SampleRequest` (the alphabet; what to sample is the task's settings)."""
-        request = SampleRequest(self.vocabulary, self.default_prime, self.text_to_corpus, self.corpus_to_text)
         # one batch: the request itself (batch_size 1 and an unwrapping collate, so Lightning sees a batch sampler)
         return DataLoader(
-            cast(Dataset[SampleRequest], [request]),
+            cast(Dataset[SampleRequest], [self.sample_request()]),
             batch_size=1,
             collate_fn=_only_item,
             generator=loader_generator(self.seed),

@@ -20,10 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from bnlstm_lit.callbacks.predictions import SampleWriter
+from bnlstm_lit.console import progress_bar_off_stdout
 from bnlstm_lit.data.charlm import Protocol, SampleRequest, TextBatch
 from bnlstm_lit.metrics import BitsPerCharacter
 from bnlstm_lit.models import CharRNN
@@ -47,7 +50,7 @@ def protocol_metric_name(split: str, protocol: Protocol, statistics: EvalStatist
 
 
 #: The task's init arguments that make its :class:`Sampling` (named as the fields).
-SAMPLING_FLAGS = ("prime", "sample_length", "num_samples", "temperature")
+SAMPLING_FLAGS = ("prime", "sample_length", "num_samples", "temperature", "top_k")
 
 
 @dataclass(frozen=True)
@@ -61,16 +64,21 @@ class Sampling:
         sample_length: symbols drawn after the prime.
         num_samples: samples drawn (one batch).
         temperature: softmax temperature (> 0; lower is more conservative).
+        top_k: draw each symbol from the ``top_k`` most likely ones only (>= 1; at least the vocabulary size means
+            all); None: from the whole vocabulary.
     """
 
     prime: str | None = None
     sample_length: int = 200
     num_samples: int = 1
     temperature: float = 1.0
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("sample_length", "num_samples"):
+        for name in ("sample_length", "num_samples", "top_k"):
             value = getattr(self, name)
+            if name == "top_k" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} (model.init_args.{name}) must be an integer >= 1, got {value!r}")
         t = self.temperature
@@ -89,7 +97,9 @@ class CharLanguageModel(BNLSTMTask):
     Logs ``train/loss`` (nats per symbol) and ``{split}/bpc`` (token-weighted, DDP-exact :class:`BitsPerCharacter`),
     plus the protocol metrics of the module docstring. ``predict`` samples text as its :class:`Sampling` settings say,
     from the alphabet a :class:`SampleRequest` batch brings: returns ``{"ids": int64 (N, length), "text": [N
-    strings]}`` and prints the samples.
+    continuations], "prompt": [N priming texts]}``; a :class:`~bnlstm_lit.callbacks.SampleWriter` (added by
+    :meth:`configure_callbacks` unless the trainer has one) prints the samples to stdout and writes ``samples.txt``.
+    The draws follow the global RNG: ``--seed_everything`` (``L.seed_everything``) repeats them.
 
     Args:
         input_size: vocabulary size of the one-hot inputs (linked from the DataModule).
@@ -101,7 +111,7 @@ class CharLanguageModel(BNLSTMTask):
             modelling), the rest :data:`~bnlstm_lit.nn.DEFAULTS`.
         sweep_statistics: the statistics the length-sweep protocol evaluates with (each logged under its name).
         optimizer, lr_scheduler, eval_statistics, monitor: see :class:`~bnlstm_lit.tasks.BNLSTMTask`.
-        prime, sample_length, num_samples, temperature: what ``predict`` samples (:class:`Sampling`).
+        prime, sample_length, num_samples, temperature, top_k: what ``predict`` samples (:class:`Sampling`).
     """
 
     def __init__(
@@ -119,6 +129,7 @@ class CharLanguageModel(BNLSTMTask):
         sample_length: int = 200,
         num_samples: int = 1,
         temperature: float = 1.0,
+        top_k: int | None = None,
     ) -> None:
         settings = rnn_settings(rnn)
         check_sizes(input_size=input_size, output_size=output_size, max_steps=max_steps,
@@ -133,7 +144,7 @@ class CharLanguageModel(BNLSTMTask):
         # ``predict --ckpt_path`` takes them from the command line (LightningCLI applies stored hparams over it)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *SAMPLING_FLAGS])
         self.sweep_statistics = sweep_statistics
-        self.sampling = Sampling(prime, sample_length, num_samples, temperature)
+        self.sampling = Sampling(prime, sample_length, num_samples, temperature, top_k)
         self.use_rnn_settings(settings)
         self.net = CharRNN(input_size, output_size, max_steps, settings)
         # one metric object per split and protocol: their states must never mix
@@ -227,34 +238,60 @@ class CharLanguageModel(BNLSTMTask):
         self.log(name, metric, metric_attribute=f"protocol_metrics.{key}", add_dataloader_idx=False)
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        """A :class:`~bnlstm_lit.callbacks.SampleWriter` unless the trainer has one, and for ``predict`` the
+        trainer's plain TQDM progress bar moved to stderr, so that stdout carries the samples and nothing else."""
+        trainer = self._trainer
+        callbacks: list[Callback] = []
+        if not any(isinstance(c, SampleWriter) for c in getattr(trainer, "callbacks", [])):
+            callbacks.append(SampleWriter())
+        if trainer is not None and trainer.predicting:
+            callbacks.extend(progress_bar_off_stdout(trainer))
+        return callbacks
+
+    def setup(self, stage: str) -> None:
+        # a bad prime fails before predict's population-statistics pass (a whole training epoch), not after it
+        request = getattr(getattr(self._trainer, "datamodule", None), "sample_request", None)
+        if stage == "predict" and callable(request):
+            self._prime(request())
+
+    def _prime(self, request: SampleRequest) -> Tensor:
+        """The priming text as ids int64 (P,); characters outside the alphabet raise a ValueError naming them."""
+        return request.encode(self.sampling.prime, "prime (model.init_args.prime)")
+
     def predict_step(self, batch: SampleRequest, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if not isinstance(batch, SampleRequest):
             raise TypeError(f"{type(self).__name__}.predict expects SampleRequest batches, got {type(batch).__name__}")
         settings = self.sampling
-        prime = batch.encode(settings.prime, "prime (model.init_args.prime)").to(self.device)
+        prime = self._prime(batch).to(self.device)
         prime = prime.expand(settings.num_samples, -1).clone()  # (N, P)
         with _statistics(self, "population"):  # one symbol per step: no batch statistics to speak of
-            ids = self.sample(prime, settings.sample_length, settings.temperature)
+            ids = self.sample(prime, settings.sample_length, settings.temperature, settings.top_k)
         texts = [batch.readable(batch.vocabulary.decode(row)) for row in ids]
-        prime_text = batch.readable(batch.vocabulary.decode(prime[0]))
-        for k, text in enumerate(texts):
-            rank_zero_info(f"[bnlstm_lit] sample {k} (temperature {settings.temperature}):\n{prime_text}{text}")
-        return {"ids": ids, "text": texts}
+        prompt = batch.readable(batch.vocabulary.decode(prime[0]))
+        return {"ids": ids, "text": texts, "prompt": [prompt] * len(texts)}
 
     @torch.no_grad()
-    def sample(self, prime: Tensor, length: int, temperature: float = 1.0) -> Tensor:
-        """Draw ``length`` symbols after ``prime`` (int64 (N, P)) from softmax(logits / temperature): int64 (N, length).
+    def sample(self, prime: Tensor, length: int, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+        """Draw ``length`` symbols after ``prime`` (int64 (N, P)) from softmax(logits / temperature), restricted to
+        the ``top_k`` most likely symbols of each step when given: int64 (N, length).
 
         The prime is read in one pass from the learned initial state; then one step per symbol, the state carried
         and the time index continued (BN statistics of step T_max-1 beyond the trained length).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         logits, state = self(prime)
         step = prime.shape[1]
         drawn = []
         for _ in range(length):
-            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)  # (N, V)
+            scores = logits[:, -1].float() / temperature  # (N, V)
+            if top_k is not None and top_k < scores.shape[-1]:
+                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]  # (N, 1): the k-th largest score
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)  # (N, V)
             symbol = torch.multinomial(probs, 1)  # (N, 1)
             drawn.append(symbol)
             logits, state = self(symbol, state, step)
