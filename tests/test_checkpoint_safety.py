@@ -738,8 +738,11 @@ def test_the_mixin_leaves_other_command_lines_alone(fitted: Callable[[str], Any]
         assert with_checkpoint_defaults(args) == args
     added = with_checkpoint_defaults(["--config=top.yaml", "predict", "--ckpt_path", str(last), "--config=x.yaml"])
     assert added[:2] == ["--config=top.yaml", "predict"] and added[-3:] == ["--ckpt_path", str(last), "--config=x.yaml"]
-    assert added[2] == '--model={"class_path": "bnlstm_lit.tasks.SequenceRegression"}'
-    assert added[3].startswith('--data={"class_path": "bnlstm_lit.data.AddingProblem", "init_args": {')
+    # the run's saved config and root first (bnlstm_lit.runs), then the checkpoint's own classes, which win over them
+    run = last.parent.parent
+    assert added[2:4] == [f"--config={run / 'config.yaml'}", f"--trainer.default_root_dir={run.parent.parent}"]
+    assert added[4] == '--model={"class_path": "bnlstm_lit.tasks.SequenceRegression"}'
+    assert added[5].startswith('--data={"class_path": "bnlstm_lit.data.AddingProblem", "init_args": {')
 
 
 def test_the_mixin_never_imports_a_module_named_by_a_checkpoint(tmp_path: Path) -> None:

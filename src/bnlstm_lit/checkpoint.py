@@ -21,6 +21,13 @@
 the DataModule's ``class_path`` and arguments stored in the checkpoint become the defaults of ``--model`` and
 ``--data``, which any ``--config`` or flag still overrides (LightningCLI itself then applies the task's stored
 hyper-parameters over the config, so the network always matches the weights).
+
+A checkpoint also stays with its run (:mod:`bnlstm_lit.runs`): ``fit --ckpt_path FILE`` continues the run folder
+``<save_dir>/<name>/version_N`` the file lies in (same logs, same ``checkpoints/``, best score and top-k restored);
+``fit --ckpt_path last`` takes the newest ``last.ckpt`` of all the runs under the configured root; and
+``validate``/``test``/``predict --ckpt_path FILE`` log into the file's run folder and start from that run's saved
+``config.yaml`` (its callbacks -- the population-statistics protocol --, data and trainer settings), before any
+``--config`` or flag, which still win for what they set. One info line names the run folder and config picked up.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_fil
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from bnlstm_lit.runs import continue_run, name_checkpoints_by_metric, resolve_last_checkpoint, run_config, run_folder
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -307,7 +317,10 @@ def _subcommand_and_ckpt_path(args: Sequence[str]) -> tuple[int | None, str | No
 
 
 def with_checkpoint_defaults(args: Sequence[str]) -> list[str]:
-    """``args`` with ``--model=...`` and ``--data=...`` from the checkpoint inserted right after the subcommand.
+    """``args`` with the checkpoint's defaults inserted right after the subcommand: ``--config=<run>/config.yaml``
+    and ``--trainer.default_root_dir=<save_dir>`` when the file lies in a run folder
+    ``<save_dir>/<name>/<version>/checkpoints/`` (see :mod:`bnlstm_lit.runs`), then ``--model=...`` and ``--data=...``
+    from the checkpoint itself.
 
     Only for ``validate``/``test``/``predict`` with ``--ckpt_path FILE`` on the command line (not ``best``/``last``,
     nor a path given in a config file); everything after the subcommand (``--config``, flags) still overrides.
@@ -319,6 +332,11 @@ def with_checkpoint_defaults(args: Sequence[str]) -> list[str]:
     if not _is_local_file_protocol(ckpt_path) or not Path(ckpt_path).is_file():
         return args  # "best", "last", a remote path: Lightning resolves it, the config must name the model
     inserted = []
+    folder, config = run_folder(ckpt_path), run_config(ckpt_path)
+    if config is not None:
+        inserted.append(f"--config={config}")
+    if folder is not None:  # the default logger's <save_dir>: it logs into the run (runs.continue_run)
+        inserted.append(f"--trainer.default_root_dir={folder.parent.parent}")
     for key, value in checkpoint_cli_defaults(ckpt_path).items():
         try:
             inserted.append(f"--{key}={json.dumps(value)}")
@@ -345,19 +363,47 @@ class CheckpointCLIMixin(LightningCLI):
 
     * Every Trainer it builds saves and loads through :class:`AtomicCheckpointIO` (unless a CheckpointIO plugin was
       configured: ``--trainer.plugins``).
-    * ``validate``/``test``/``predict --ckpt_path FILE`` take the task's and the data's classes and arguments from
-      the checkpoint where the command line and configs do not give them (see the module's doc).
+    * ``validate``/``test``/``predict --ckpt_path FILE`` take the run's saved config, and the task's and the data's
+      classes and arguments from the checkpoint, where the command line and configs do not give them.
+    * A command with ``--ckpt_path`` continues the checkpoint's run folder; ``--ckpt_path last`` is the newest
+      ``last.ckpt`` of all runs (:func:`~bnlstm_lit.runs.resolve_last_checkpoint`,
+      :func:`~bnlstm_lit.runs.continue_run`).
+    * Best-checkpoint names carry the monitored value (:func:`~bnlstm_lit.runs.name_checkpoints_by_metric`).
     """
+
+    _picked_config: Path | None = None
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is not None and not isinstance(args, (list, tuple)):  # a dict or Namespace: nothing to add to
             super().parse_arguments(parser, args)
             return
-        argv = with_checkpoint_defaults(sys.argv[1:] if args is None else args)
+        given = list(sys.argv[1:] if args is None else args)
+        argv = with_checkpoint_defaults(given)
+        index, ckpt_path = _subcommand_and_ckpt_path(given)
+        evaluating = index is not None and given[index] in EVALUATION_SUBCOMMANDS
+        self._picked_config = run_config(ckpt_path) if evaluating else None  # what with_checkpoint_defaults inserted
         # parse directly: LightningCLI warns when args= and a command line are both given, and these *are* argv
         self.config = parser.parse_args(argv)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)
+        name_checkpoints_by_metric(trainer)
+        self._continue_the_checkpoints_run(trainer)
         return trainer
+
+    def _continue_the_checkpoints_run(self, trainer: L.Trainer) -> None:
+        """Resolve ``ckpt_path="last"`` over all runs, and log into the checkpoint's run folder (see the class doc)."""
+        subcommand = getattr(self, "subcommand", None)
+        if not subcommand or "ckpt_path" not in self.config_init.get(subcommand, {}):
+            return
+        ckpt_path = self.config_init[subcommand]["ckpt_path"]
+        if ckpt_path == "last":
+            found = resolve_last_checkpoint(trainer)
+            if found is not None:
+                ckpt_path = self.config_init[subcommand]["ckpt_path"] = found
+                self.config[subcommand]["ckpt_path"] = found  # the config saved with the run names the file
+        folder = continue_run(trainer, ckpt_path, subcommand)
+        if folder is not None or self._picked_config is not None:
+            config = f", settings from {self._picked_config} (then --config and flags)" if self._picked_config else ""
+            rank_zero_info(f"[bnlstm_lit] {subcommand} --ckpt_path {ckpt_path}: run folder {trainer.log_dir}{config}")
