@@ -1,85 +1,117 @@
-"""The command line: ``bnlstm-lit {fit,validate,test,predict} --config configs/....yaml`` (LightningCLI), and
-``bnlstm-lit report ...`` (figures and the reproduction report, :mod:`bnlstm_lit.report.cli`).
+"""The command line, ``bnlstm-lit`` (also ``python -m bnlstm_lit``).
 
-The task (``model:``) and the data (``data:``) are chosen by ``class_path`` -- ours or any importable subclass of
-LightningModule / LightningDataModule -- so a new task or corpus needs no edit of this package. The sizes only the
-data knows (``input_size``, ``output_size``, ``max_steps``) are linked into the task's arguments when the DataModule
-is instantiated; a YAML never repeats them.
+* ``bnlstm-lit {fit,validate,test,predict} --config NAME_OR_FILE ...`` -- LightningCLI
+  (:class:`~bnlstm_lit.lightning_cli.BNLSTMCLI`); a ``--config`` that is not a file but names a packaged config
+  (``ptb_bnlstm``, ``overlays/ptb_short_cpu``) is that config (:mod:`bnlstm_lit.packaged_configs`);
+* ``bnlstm-lit report ...`` -- figures and the reproduction report (:mod:`bnlstm_lit.report.cli`);
+* ``bnlstm-lit configs [copy NAME [DEST]]`` -- list the packaged configs, or copy one out to edit;
+* ``bnlstm-lit --help``, ``bnlstm-lit --version``.
+
+Lightning and torch take seconds to import, so this module imports neither: ``--help``, ``--version`` and
+``configs`` answer at once, and each subcommand loads only what it needs. ``BNLSTMCLI`` and ``check_monitors`` are
+still importable from here (loaded on first access).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+if TYPE_CHECKING:
+    from bnlstm_lit.lightning_cli import BNLSTMCLI, LINKED_SIZES, check_monitors
 
-from bnlstm_lit.checkpoint import CheckpointCLIMixin
+__all__ = ["LINKED_SIZES", "BNLSTMCLI", "check_monitors", "main", "top_level_parser"]
 
-#: DataModule properties linked into the task's ``init_args`` of the same name.
-LINKED_SIZES = ("input_size", "output_size", "max_steps")
-
-
-class BNLSTMCLI(CheckpointCLIMixin, LightningCLI):
-    """LightningCLI with subclass mode for model and data, and the data-derived sizes linked into the model.
-
-    Checkpoints are written atomically and read weights-only (:class:`~bnlstm_lit.checkpoint.AtomicCheckpointIO`),
-    and ``validate``/``test``/``predict --ckpt_path FILE`` need no config: the task and data classes come from the
-    checkpoint (:class:`~bnlstm_lit.checkpoint.CheckpointCLIMixin`).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("auto_configure_optimizers", False)  # the optimizer is the task's (model.init_args.optimizer)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name in LINKED_SIZES:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-
-    def before_fit(self) -> None:
-        """Checks that need the instantiated objects, before any download (prepare_data) or training step."""
-        check_monitors(self.model, self.trainer)
+PROG = "bnlstm-lit"
+DESCRIPTION = (
+    "Batch-normalized LSTMs (Recurrent Batch Normalization, Cooijmans et al., ICLR 2017) with PyTorch Lightning: "
+    "train, evaluate and report."
+)
+#: the subcommands and their one-line help, in the order ``--help`` lists them; the first four are LightningCLI's
+SUBCOMMANDS = {
+    "fit": "train a task (--config FILE or a packaged config's NAME; fit --help lists every option)",
+    "validate": "one evaluation epoch over the validation set (a checkpoint alone is enough: --ckpt_path FILE)",
+    "test": "one evaluation epoch over the test set (a checkpoint alone is enough: --ckpt_path FILE)",
+    "predict": "run inference: predictions, or sampled text for the language models (--ckpt_path FILE)",
+    "report": "figures and the reproduction report from finished runs; no training",
+    "configs": "list the packaged experiment configs, or copy one out to edit (configs copy NAME [DEST])",
+}
+#: attributes of this module that live in :mod:`bnlstm_lit.lightning_cli` (imported on first access)
+_LIGHTNING_NAMES = frozenset({"LINKED_SIZES", "BNLSTMCLI", "check_monitors"})
 
 
-def check_monitors(model: L.LightningModule, trainer: L.Trainer) -> None:
-    """Every ``monitor`` (callbacks such as ModelCheckpoint / EarlyStopping, and the task's own for an LR scheduler)
-    must name a metric the task logs; otherwise a typo surfaces only after the first epoch, or never."""
-    known_metrics = getattr(model, "monitorable_metrics", None)
-    known = known_metrics() if callable(known_metrics) else None
-    if not known:
-        return
-    wanted = [(f"trainer.callbacks[{i}] ({type(cb).__name__}).monitor", getattr(cb, "monitor", None))
-              for i, cb in enumerate(getattr(trainer, "callbacks", []))]  # fmt: skip
-    if getattr(model, "lr_scheduler", None) is not None:
-        wanted.append(("model.init_args.monitor", getattr(model, "monitor", None)))
-    for flag, name in wanted:
-        if isinstance(name, str) and name not in known:
-            raise ValueError(
-                f"{flag} is {name!r}, which {type(model).__name__} does not log; it logs: {', '.join(sorted(known))}"
-            )
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        from bnlstm_lit import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def main(args: list[str] | None = None) -> BNLSTMCLI | None:
+def top_level_parser() -> argparse.ArgumentParser:
+    """The parser of ``bnlstm-lit`` itself, for ``--help`` and ``--version``: each subcommand parses its own
+    arguments (``bnlstm-lit SUBCOMMAND --help``)."""
+    from bnlstm_lit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=f"{PROG} SUBCOMMAND --help shows the options of a subcommand.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subcommands = parser.add_subparsers(title="subcommands", dest="subcommand")
+    for name, help_text in SUBCOMMANDS.items():
+        subcommands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _exit(code: int, args: Sequence[str] | None) -> None:
+    """Leave with ``code``: always from the console script, only for a failure when called with ``args`` (tests)."""
+    if args is None or code:
+        raise SystemExit(code)
+
+
+def main(args: Sequence[str] | None = None) -> BNLSTMCLI | None:
     """Entry point of ``bnlstm-lit`` and ``python -m bnlstm_lit``; ``args`` replaces ``sys.argv[1:]`` (tests).
 
-    ``report ...`` goes to :mod:`bnlstm_lit.report.cli` (figures and the reproduction report, no training), every
-    other subcommand to LightningCLI. Returns the CLI object when ``args`` is given, else None (exit status 0).
+    ``report ...`` goes to :mod:`bnlstm_lit.report.cli`, ``configs ...`` to :mod:`bnlstm_lit.packaged_configs`,
+    every other subcommand to LightningCLI. Returns the CLI object when ``args`` is given, else None (exit status 0).
     """
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["report"]:
+    command = argv[0] if argv else None
+    if command is None or command in ("-h", "--help", "--version"):
+        parser = top_level_parser()
+        if command is None:
+            parser.print_help(sys.stderr)
+            parser.exit(2, f"{PROG}: error: a subcommand is required\n")
+        parser.parse_args(argv[:1])  # prints the help or the version, and exits
+    if command == "report":
         from bnlstm_lit.report.cli import main as report_main
 
-        code = report_main(argv[1:])
-        if args is None:
-            sys.exit(code)
-        if code:
-            raise SystemExit(code)
+        _exit(report_main(argv[1:]), args)
         return None
-    cli = BNLSTMCLI(args=args)
+    if command == "configs":
+        from bnlstm_lit.packaged_configs import main as configs_main
+
+        _exit(configs_main(argv[1:]), args)
+        return None
+
+    from bnlstm_lit.packaged_configs import UnknownConfigError, resolve_config_args
+
+    try:
+        resolved = resolve_config_args(argv)
+    except UnknownConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args is None and resolved != argv:
+        # with args=None, LightningCLI and the checkpoint defaults read sys.argv (args= next to a command line draws
+        # a warning), and so do the launchers that start one process per device: all of them see the resolved files
+        sys.argv[1:] = resolved
+    from bnlstm_lit.lightning_cli import BNLSTMCLI
+
+    cli = BNLSTMCLI(args=None if args is None else resolved)
     # the console script does sys.exit(main()): an object there would print itself and exit with status 1
     return cli if args is not None else None
 
