@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import IterableDataset
 
 from bnlstm_lit.console import info
@@ -27,6 +28,9 @@ class PopulationStatistics(Callback):
     Under DDP each process runs its share of the training batches (batch i goes to rank i mod world size; an
     IterableDataset, which shards itself by rank as Lightning expects, is read as it comes) and the per-process
     averages are combined into the average over all batches read, identical on every process.
+
+    SIGTERM (preemption) stops the pass before its next batch, as Lightning's own loops stop after their current
+    one: the statistics are left as they were and Lightning's SIGTERM exception ends the run.
 
     Args:
         before_validation: estimate before every validation run (the sanity check excluded). Costs a pass over the
@@ -113,6 +117,7 @@ class PopulationStatistics(Callback):
         if world > 1 and not isinstance(loader.dataset, IterableDataset):
             batches = itertools.islice(loader, rank, max_batches, world)  # this rank's share of the first max_batches
             max_batches = None
+        batches = _until_sigterm(trainer, batches)
         used = estimate_population_statistics(
             pl_module, batches, forward=forward, max_batches=max_batches, distributed=world > 1
         )
@@ -122,3 +127,12 @@ class PopulationStatistics(Callback):
             f"in {time.perf_counter() - start:.1f}s"
         )
         return used
+
+
+def _until_sigterm(trainer: L.Trainer, batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches`` until Lightning's SIGTERM handler has set ``trainer.received_sigterm``; then Lightning's
+    SIGTERMException, which the estimation passes on after restoring the statistics it had reset."""
+    for batch in batches:
+        if trainer.received_sigterm:
+            raise SIGTERMException
+        yield batch
