@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnlstm_lit.data.base import SIGTERM_EXIT_STATUS
+from bnlstm_lit.cli import SIGTERM_EXIT_STATUS
 from test_resume import CASES, CONFIGS, ROOT, TOTAL, assert_same_run, final, fit
 
 TERM = 6  # SIGTERM at the end of step 6: mid-epoch 1 (4 batches per epoch), after epoch 0's validation

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["LINKED_SIZES", "BNLSTMCLI", "check_monitors", "main", "top_level_parser"]
 
 PROG = "bnlstm-lit"
+#: the exit status of a run stopped by SIGTERM (preemption): 128 + 15, that of a process the signal ended
+SIGTERM_EXIT_STATUS = 128 + 15
 DESCRIPTION = (
     "Batch-normalized LSTMs (Recurrent Batch Normalization, Cooijmans et al., ICLR 2017) with PyTorch Lightning: "
     "train, evaluate and report."
@@ -109,9 +111,17 @@ def main(args: Sequence[str] | None = None) -> BNLSTMCLI | None:
         # with args=None, LightningCLI and the checkpoint defaults read sys.argv (args= next to a command line draws
         # a warning), and so do the launchers that start one process per device: all of them see the resolved files
         sys.argv[1:] = resolved
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from bnlstm_lit.lightning_cli import BNLSTMCLI
 
-    cli = BNLSTMCLI(args=None if args is None else resolved)
+    try:
+        cli = BNLSTMCLI(args=None if args is None else resolved)
+    except SIGTERMException as stop:
+        # Lightning ends a SIGTERMed run (after ModelCheckpoint(save_on_exception=True) saved it) with a SystemExit
+        # without a code, status 0 as if it had finished: a preempted run has not, so a scheduler must not count it
+        # done and `fit && test` must not go on. It leaves with the status of a process SIGTERM ended.
+        raise SystemExit(SIGTERM_EXIT_STATUS) from stop
     # the console script does sys.exit(main()): an object there would print itself and exit with status 1
     return cli if args is not None else None
 

@@ -18,7 +18,6 @@ draws from the global random state the model's noise comes from.
 
 from __future__ import annotations
 
-import signal
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -26,13 +25,9 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Sampler
 
 from bnlstm_lit.console import info
-
-#: the exit status of a run stopped by SIGTERM: 128 + 15, that of a process the signal ended (a shell's ``$?``)
-SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM
 
 
 class ResumableSampler(Protocol):
@@ -97,23 +92,9 @@ class SequenceDataModule(L.LightningDataModule, ABC):
 
     ``state_dict`` holds the training position (epoch, batches consumed in it); subclasses that keep state of their
     own extend ``state_dict`` / ``load_state_dict`` and call the base's.
-
-    A run stopped by SIGTERM exits with status :data:`SIGTERM_EXIT_STATUS` (:meth:`on_exception`).
     """
 
     _resume_position: dict[str, int] | None = None
-
-    def on_exception(self, exception: BaseException) -> None:
-        """A run stopped by SIGTERM exits with status :data:`SIGTERM_EXIT_STATUS` (143), not 0.
-
-        On SIGTERM Lightning ends the run with ``SIGTERMException``, a ``SystemExit`` without a code: exit status 0,
-        as if the run had finished. A preempted run has not finished (a scheduler must not count it done, a
-        ``fit && test`` must not go on), so it leaves with the status of a process SIGTERM ended. Lightning calls
-        this hook after the callbacks' (ModelCheckpoint saves there), then re-raises the exception; every run of
-        ours has a DataModule.
-        """
-        if isinstance(exception, SIGTERMException) and exception.code is None:
-            exception.code = SIGTERM_EXIT_STATUS
 
     # ---- exact resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
