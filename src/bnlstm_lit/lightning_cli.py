@@ -24,6 +24,7 @@ import bnlstm_lit.callbacks
 import bnlstm_lit.data
 import bnlstm_lit.tasks  # noqa: F401
 from bnlstm_lit.checkpoint import CheckpointCLIMixin
+from bnlstm_lit.tasks.base import drop_hp_metric_placeholder
 
 __all__ = ["LINKED_SIZES", "BNLSTMCLI", "check_monitors"]
 
@@ -37,6 +38,9 @@ class BNLSTMCLI(CheckpointCLIMixin, LightningCLI):
     Checkpoints are written atomically and read weights-only (:class:`~bnlstm_lit.checkpoint.AtomicCheckpointIO`),
     and ``validate``/``test``/``predict --ckpt_path FILE`` need no config: the task and data classes come from the
     checkpoint (:class:`~bnlstm_lit.checkpoint.CheckpointCLIMixin`).
+
+    ``validate``/``test``/``predict`` write no placeholder ``hp_metric = -1`` to a TensorBoard logger: they log into
+    the checkpoint's run, whose ``hp_metric`` the fit wrote (see :mod:`bnlstm_lit.tasks.base`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -53,6 +57,11 @@ class BNLSTMCLI(CheckpointCLIMixin, LightningCLI):
     def before_fit(self) -> None:
         """Checks that need the instantiated objects, before any download (prepare_data) or training step."""
         check_monitors(self.model, self.trainer)
+
+    def _before_evaluation(self) -> None:
+        drop_hp_metric_placeholder(self.trainer)
+
+    before_validate = before_test = before_predict = _before_evaluation
 
 
 def check_monitors(model: L.LightningModule, trainer: L.Trainer) -> None:

@@ -1,17 +1,31 @@
 """What every bnlstm_lit task shares: the network's settings (one :class:`~bnlstm_lit.nn.BNLSTMSettings` group,
 ``model.init_args.rnn``), the injected optimizer / LR scheduler, the evaluation-statistics protocol, and the metric
-names a task logs (declared once: what the steps log and what the CLI lets a callback monitor)."""
+names a task logs (declared once: what the steps log and what the CLI lets a callback monitor).
+
+What a fit logs besides the steps' metrics:
+
+* with an LR scheduler and a logger, the learning rate as ``train/lr`` (``train/lr/pg<N>`` per parameter group when
+  there are several), by a :class:`~lightning.pytorch.callbacks.LearningRateMonitor` that
+  :meth:`BNLSTMTask.configure_callbacks` adds unless the trainer has one;
+* for TensorBoard, ``hp_metric`` -- the value the HPARAMS tab shows beside each run's hyper-parameters -- is the best
+  value so far of the task's headline validation metric (:meth:`BNLSTMTask.headline_metric`), logged after each
+  validation; Lightning's placeholder ``hp_metric = -1`` at the start is not written.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
@@ -19,6 +33,8 @@ from bnlstm_lit.console import info
 from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
 
 EvalStatistics = Literal["population", "batch"]
+#: which way a metric improves; None where it is not known
+Mode = Literal["min", "max"] | None
 #: a split's metric objects by the name each is logged under (a MetricCollection is one)
 SplitMetrics = Mapping[str, Metric] | MetricCollection
 
@@ -27,6 +43,22 @@ FIT_SPLITS = ("train", "val")
 #: every task logs its loss in every split, in training per step as well as per epoch (``train/loss_step``,
 #: ``train/loss_epoch`` and ``train/loss``)
 LOSS = "loss"
+#: what the learning rate of the LR scheduler's optimizer is logged as (per parameter group: ``train/lr/pg2``, ...)
+LR = "train/lr"
+#: the metric TensorBoard's HPARAMS tab shows beside a run's hyper-parameters
+HP_METRIC = "hp_metric"
+
+
+def drop_hp_metric_placeholder(trainer: L.Trainer) -> list[TensorBoardLogger]:
+    """Stop the trainer's TensorBoard loggers from writing Lightning's placeholder ``hp_metric = -1`` when the
+    hyper-parameters are logged (at the start of every fit, validate, test or predict): returns those that would have.
+
+    Call it before the trainer runs (or from ``on_fit_start``). A logger made with ``default_hp_metric=False`` is
+    left alone: whoever made it logs ``hp_metric`` (and the HPARAMS entry) themselves."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger) and lg._default_hp_metric]
+    for logger in loggers:
+        logger._default_hp_metric = False
+    return loggers
 
 
 def check_sizes(**sizes: int) -> None:
@@ -68,7 +100,16 @@ class BNLSTMTask(L.LightningModule):
         eval_statistics: "population" (the paper's test protocol) or "batch": the statistics every BN site uses
             in validation, test and predict. The choice is logged at the start of each evaluation.
         monitor: the metric an LR scheduler such as ReduceLROnPlateau follows.
+
+    With an LR scheduler and a logger a fit logs the learning rate as ``train/lr`` (:meth:`configure_callbacks`); for
+    TensorBoard, ``hp_metric`` is the best value so far of :meth:`headline_metric` (:meth:`on_validation_end`).
     """
+
+    #: the best headline value of this fit so far (``hp_metric``), kept in checkpoints so a resumed run continues it
+    _hp_best: float | None = None
+    #: the TensorBoard loggers whose ``hp_metric`` this task writes in the current fit
+    _hp_loggers: tuple[TensorBoardLogger, ...] = ()
+    _hp_declared: bool = False
 
     def __init__(
         self,
@@ -129,6 +170,63 @@ class BNLSTMTask(L.LightningModule):
             names |= {f"{split}/{name}" for name in (LOSS, *metrics)}
         return names | {f"train/{LOSS}_step", f"train/{LOSS}_epoch"}  # logged per step and per epoch
 
+    # ---- what a fit logs besides the metrics ------------------------------------------------------------------------
+    def configure_callbacks(self) -> Sequence[Callback] | Callback:
+        """For a fit with an LR scheduler and a logger, a :class:`~lightning.pytorch.callbacks.LearningRateMonitor`
+        (the rate as ``train/lr``), unless the trainer has one already (a callback returned here would replace it).
+        Subclasses that add callbacks extend this list."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or self.lr_scheduler is None:
+            return []
+        if not trainer.loggers or any(isinstance(cb, LearningRateMonitor) for cb in getattr(trainer, "callbacks", [])):
+            return []
+        return [LearningRateMonitor()]
+
+    def headline_metric(self) -> tuple[str, Mode]:
+        """The metric that sums up a run, and which way it improves: what ``hp_metric`` shows.
+
+        The ``monitor`` of the trainer's first ModelCheckpoint, with its ``mode`` (every shipped config keeps the
+        best checkpoint by ``val/acc``, ``val/bpc``, ``val/error`` or ``val/mse``); without one, the first validation
+        metric of :meth:`split_metrics` (its way from torchmetrics' ``higher_is_better``, None where that is not
+        set: then the latest value is shown); else ``val/loss``, lower is better."""
+        trainer = self._trainer
+        for callback in trainer.checkpoint_callbacks if trainer is not None else []:
+            if isinstance(callback, ModelCheckpoint) and callback.monitor:
+                return callback.monitor, "min" if callback.mode == "min" else "max"
+        first = next(iter((self.split_metrics("val") or {}).items()), None)
+        if first is None:
+            return f"val/{LOSS}", "min"
+        name, metric = first
+        better = getattr(metric, "higher_is_better", None)
+        return f"val/{name}", None if better is None else ("max" if better else "min")
+
+    def on_fit_start(self) -> None:
+        self._hp_loggers = tuple(drop_hp_metric_placeholder(self.trainer))
+        self._hp_declared = False
+
+    def on_validation_end(self) -> None:
+        """Log ``hp_metric`` to the TensorBoard loggers: the best value so far of :meth:`headline_metric` (the latest
+        where its way is not known; a non-finite value never counts). The first one also writes the HPARAMS entry
+        (the hyper-parameters with ``hp_metric``), which Lightning's placeholder would otherwise have written."""
+        trainer = self.trainer
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or not self._hp_loggers:
+            return
+        name, mode = self.headline_metric()
+        logged = trainer.callback_metrics.get(name)
+        if logged is None or not math.isfinite(value := float(logged)):
+            return
+        if self._hp_best is not None and mode is not None:
+            value = min(value, self._hp_best) if mode == "min" else max(value, self._hp_best)
+        self._hp_best = value
+        # the step Lightning logged this validation's metrics at (that of the last training batch)
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger in self._hp_loggers:
+            if self._hp_declared:
+                logger.log_metrics({HP_METRIC: value}, step=step)
+            else:  # the logger's hyper-parameters: what Lightning logged at the start (task and data)
+                logger.log_hyperparams(logger.hparams, {HP_METRIC: value}, step=step)
+        self._hp_declared = True
+
     # ---- evaluation statistics ---------------------------------------------------------------------------------------
     def _use_eval_statistics(self, stage: str) -> None:
         set_eval_statistics(self, self.eval_statistics)
@@ -159,11 +257,14 @@ class BNLSTMTask(L.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state()
         checkpoint["bnlstm_rng"] = state
+        checkpoint["bnlstm_hp_metric"] = self._hp_best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # applied at the first training batch after the restore: between checkpoint and that batch, an
         # uninterrupted run draws nothing (loaders have their own generators), while a resumed one may (sanity check)
         self._pending_rng = checkpoint.get("bnlstm_rng")
+        best = checkpoint.get("bnlstm_hp_metric")
+        self._hp_best = float(best) if isinstance(best, (int, float)) else None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         state, self._pending_rng = self._pending_rng, None
@@ -187,4 +288,5 @@ class BNLSTMTask(L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        # "name": what LearningRateMonitor logs the rate as (by default lr-<optimizer class>)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor, "name": LR}}
