@@ -215,3 +215,28 @@ def test_the_documented_yaml_list_of_loggers_parses_and_every_logger_writes(in_t
     assert len(scalars(run, "val/mse")) == 2
     assert len(csv_column(root / "csv" / "version_0", "val/mse")) == 2
     assert not (root / "lightning_logs" / "version_1").exists()
+
+
+def test_the_language_model_also_gets_the_monitor_beside_its_sample_writer(tmp_path: Path) -> None:
+    """CharLanguageModel adds callbacks of its own (SampleWriter): it extends the base task's list, not replaces it."""
+    from bnlstm_lit.callbacks import SampleWriter
+    from bnlstm_lit.data.textfiles import TextFiles
+    from bnlstm_lit.models.language import CHAR_RNN_SETTINGS
+    from bnlstm_lit.tasks import CharLanguageModel
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("train", "valid", "test"):
+        (corpus / f"{name}.txt").write_text("abcd efgh\n" * 20)
+    data = TextFiles(str(corpus), seq_length=6, batch_size=4)
+    model = CharLanguageModel(
+        data.input_size, data.output_size, data.max_steps, rnn=CHAR_RNN_SETTINGS.replace(hidden_size=8),
+        optimizer=partial(torch.optim.SGD, lr=LR0),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )  # fmt: skip
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=1,
+                        logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    assert sum(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks) == 1  # type: ignore[attr-defined]
+    assert any(isinstance(cb, SampleWriter) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+    assert csv_column(trainer.log_dir or "", LR) == pytest.approx([LR0, LR0 / 2])

@@ -239,10 +239,12 @@ class CharLanguageModel(BNLSTMTask):
 
     # ---- sampling ----------------------------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """A :class:`~bnlstm_lit.callbacks.SampleWriter` unless the trainer has one, and for ``predict`` the
-        trainer's plain TQDM progress bar moved to stderr, so that stdout carries the samples and nothing else."""
+        """The base task's callbacks, a :class:`~bnlstm_lit.callbacks.SampleWriter` unless the trainer has one, and
+        for ``predict`` the trainer's plain TQDM progress bar moved to stderr, so that stdout carries the samples and
+        nothing else."""
         trainer = self._trainer
-        callbacks: list[Callback] = []
+        base = super().configure_callbacks()  # the base task's (a learning-rate monitor where a scheduler is set)
+        callbacks = [base] if isinstance(base, Callback) else list(base)
         if not any(isinstance(c, SampleWriter) for c in getattr(trainer, "callbacks", [])):
             callbacks.append(SampleWriter())
         if trainer is not None and trainer.predicting:
