@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from bnlstm_lit.console import info
 from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
@@ -127,6 +127,10 @@ class BNLSTMTask(L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.eval_statistics = eval_statistics
         self.monitor = monitor
+        # the evaluation losses, weighted by batch size and summed over DDP ranks at the end of the epoch (Lightning's
+        # sync_dist mean divides the summed batch count by the number of ranks in integers: wrong for the uneven
+        # shares of an unpadded evaluation); NaN is kept, not dropped. No state in checkpoints.
+        self.eval_losses = torch.nn.ModuleDict({split: MeanMetric(nan_strategy="disable") for split in ("val", "test")})
 
     def use_rnn_settings(self, rnn: BNLSTMSettings | Mapping[str, Any]) -> BNLSTMSettings:
         """Keep a subclass's ``rnn`` argument as :attr:`rnn_settings`, and as a plain dict in ``hparams["rnn"]`` (a
@@ -151,9 +155,14 @@ class BNLSTMTask(L.LightningModule):
         """Log the loss of a batch (``{split}/loss``; in training per step and per epoch) and every metric object of
         the split (``{split}/{name}``, per epoch): the names :meth:`monitorable_metrics` derives."""
         training = split == "train"
-        # evaluation losses averaged over DDP ranks; the metric objects sync themselves
-        self.log(f"{split}/{LOSS}", loss, on_step=training, on_epoch=True, prog_bar=True, batch_size=batch_size,
-                 sync_dist=not training)  # fmt: skip
+        if split in self.eval_losses:  # weighted by batch size, exact under DDP (the metric objects sync themselves)
+            mean = self.eval_losses[split]
+            assert isinstance(mean, MeanMetric)
+            mean.update(loss.detach(), batch_size)
+            self.log(f"{split}/{LOSS}", mean, on_step=False, on_epoch=True, prog_bar=True)
+        else:
+            self.log(f"{split}/{LOSS}", loss, on_step=training, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                     sync_dist=not training)  # fmt: skip
         metrics = self.split_metrics(split)
         for name, metric in (metrics or {}).items():
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=True)
