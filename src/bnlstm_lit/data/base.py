@@ -14,20 +14,29 @@ DataModule's ``state_dict`` records how many batches of the current epoch the ru
 from a mid-epoch checkpoint reads the rest of that epoch in the same order (one process; see
 :meth:`SequenceDataModule.prepare_train_sampler`). Loaders get their own generator, so creating their iterators never
 draws from the global random state the model's noise comes from.
+
+Evaluation under DDP: the validation and test loaders a subclass returns are shared out over the processes without
+repeats (:meth:`SequenceDataModule.shard_evaluation`), so every example is evaluated exactly once and the metrics equal
+a one-process run's.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import wraps
 from typing import Any, Protocol
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from bnlstm_lit.console import info
+from bnlstm_lit.data.samplers import EvaluationShard
+
+#: the loader hooks whose loaders :meth:`SequenceDataModule.shard_evaluation` shares out under DDP
+EVALUATION_HOOKS = ("val_dataloader", "test_dataloader")
 
 
 class ResumableSampler(Protocol):
@@ -92,9 +101,75 @@ class SequenceDataModule(L.LightningDataModule, ABC):
 
     ``state_dict`` holds the training position (epoch, batches consumed in it); subclasses that keep state of their
     own extend ``state_dict`` / ``load_state_dict`` and call the base's.
+
+    The ``val_dataloader`` and ``test_dataloader`` a subclass defines return their loaders as for one process; the
+    base passes what they return through :meth:`shard_evaluation` (it wraps the two hooks of every subclass).
     """
 
     _resume_position: dict[str, int] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in EVALUATION_HOOKS:
+            hook = cls.__dict__.get(name)
+            if callable(hook):
+                setattr(cls, name, _sharding(hook))
+
+    # ---- evaluation under DDP ------------------------------------------------------------------------------------
+    def shard_evaluation(self, loaders: Any) -> Any:
+        """Evaluation loaders (one, or a list / tuple / dict of them) as this process's unpadded share under DDP.
+
+        Lightning would give each process a DistributedSampler that pads the shares to equal length by repeating
+        examples; instead a DataLoader gets an :class:`~bnlstm_lit.data.samplers.EvaluationShard` of its sampler's
+        order (whole one-process batches, each example on exactly one process), which Lightning keeps. Left as they
+        are: one process; ``trainer.use_distributed_sampler=false`` (the loaders are then the user's business);
+        iterable datasets (they shard themselves, like the stateful streams); loaders that already have a
+        DistributedSampler or a batch sampler of their own; DataLoader subclasses (with a warning: Lightning pads).
+        """
+        if isinstance(loaders, DataLoader):
+            return self._shard_loader(loaders)
+        if isinstance(loaders, (list, tuple)):
+            return type(loaders)(self.shard_evaluation(loader) for loader in loaders)
+        if isinstance(loaders, Mapping):
+            return {key: self.shard_evaluation(loader) for key, loader in loaders.items()}
+        return loaders
+
+    def _shard_loader(self, loader: DataLoader) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return loader
+        settings = trainer.distributed_sampler_kwargs
+        # Lightning 2.6 keeps the Trainer's use_distributed_sampler on its accelerator connector only
+        if settings is None or not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            return loader
+        if isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
+            return loader
+        if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
+            return loader
+        if type(loader) is not DataLoader:
+            rank_zero_warn(
+                f"{type(self).__name__}: an evaluation loader of type {type(loader).__name__} is not shared out "
+                "without repeats; under DDP Lightning's DistributedSampler may evaluate some examples twice"
+            )
+            return loader
+        shard = EvaluationShard(loader.sampler, loader.batch_size, settings["num_replicas"], settings["rank"])
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=shard,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            generator=loader.generator,
+            prefetch_factor=loader.prefetch_factor,
+            persistent_workers=loader.persistent_workers,
+            pin_memory_device=loader.pin_memory_device,
+            in_order=loader.in_order,
+        )
 
     # ---- exact resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -154,6 +229,17 @@ class SequenceDataModule(L.LightningDataModule, ABC):
     @abstractmethod
     def max_steps(self) -> int:
         """Length of the longest training sequence (number of per-step statistics the BN-LSTM keeps)."""
+
+
+def _sharding(hook: Callable[[SequenceDataModule], Any]) -> Callable[[SequenceDataModule], Any]:
+    """A subclass's evaluation loader hook, its loaders passed through :meth:`SequenceDataModule.shard_evaluation`
+    (``functools.wraps`` keeps Lightning's ``is_overridden`` reading the subclass's own hook)."""
+
+    @wraps(hook)
+    def sharded(self: SequenceDataModule) -> Any:
+        return self.shard_evaluation(hook(self))
+
+    return sharded
 
 
 def check_int(name: str, value: int | None, minimum: int, optional: bool = False) -> None:

@@ -295,16 +295,23 @@ class ExampleStarts(Sampler[int]):
     ``random_offset=True`` (paper-mode training): each epoch the corpus is cropped at an offset drawn uniformly from
     [0, length) and cut into ``(num_tokens - length) // length`` examples -- the same number for every offset -- in a
     shuffled order; the generator is seeded with ``(seed, epoch)`` (Lightning calls :meth:`set_epoch`), so runs
-    repeat. Otherwise (evaluation): offset 0, ``(num_tokens - 1) // length`` examples in order.
+    repeat. Otherwise (evaluation): offset 0, ``(num_tokens - 1) // length`` examples in order, less a last example
+    that batches of ``lone_tail_of`` would leave alone in its batch (batch statistics need two sequences). The
+    evaluation order is the same in every process; under DDP each reads its own whole batches of it
+    (:class:`~bnlstm_lit.data.samplers.EvaluationShard`), so every kept example is scored exactly once.
     """
 
-    def __init__(self, num_tokens: int, length: int, random_offset: bool, seed: int = 0) -> None:
+    def __init__(
+        self, num_tokens: int, length: int, random_offset: bool, seed: int = 0, lone_tail_of: int | None = None
+    ) -> None:
         self.length = length
         self.random_offset = random_offset
         self.seed = seed
         self.epoch = 0
         self._skip = 0
         self.num_examples = (num_tokens - length) // length if random_offset else (num_tokens - 1) // length
+        if lone_tail_of is not None and self.num_examples > 1 and self.num_examples % lone_tail_of == 1:
+            self.num_examples -= 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -641,7 +648,11 @@ class CharCorpus(SequenceDataModule):
     def _examples(
         self, tokens: Tensor, length: int, batch_size: int, train: bool, protocol: Protocol = SPLIT_PROTOCOL
     ) -> DataLoader:
-        sampler = ExampleStarts(len(tokens), length, random_offset=train, seed=self.seed)
+        # evaluation leaves out a lone last example (batch statistics need >= 2) in the order itself, not by a
+        # per-process drop_last: under DDP the order is shared out in whole batches, and a process must not drop its
+        # own last example
+        lone_tail_of = None if train else batch_size
+        sampler = ExampleStarts(len(tokens), length, random_offset=train, seed=self.seed, lone_tail_of=lone_tail_of)
         if train:
             self.prepare_train_sampler(sampler, batch_size)
         if len(sampler) < (batch_size if train else 1):
@@ -653,8 +664,7 @@ class CharCorpus(SequenceDataModule):
             ExampleDataset(tokens, length),
             batch_size=batch_size,
             sampler=sampler,
-            # training: no small tail batch; evaluation: all but a lone last example (batch statistics need >= 2)
-            drop_last=train or len(sampler) % batch_size == 1,
+            drop_last=train,  # training: no small tail batch
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=ExampleCollate(protocol),
