@@ -32,6 +32,24 @@ from torch import Tensor, nn
 
 EvalStatistics = Literal["population", "batch"]
 
+CONSTANT_VARIANCE = 1e-2
+"""A channel whose population variance at a step is below ``CONSTANT_VARIANCE * ε`` is normalized to β in evaluation.
+
+Training normalizes with the batch's own statistics, β + γ (x - μ_B) / sqrt(σ_B² + ε). Where a channel is (almost)
+the same for every sequence at a step -- the recurrent term W_h h_0 at t = 0 (the learned h_0 is shared), an input
+position that always holds the same token, and the terms computed from those -- x - μ_B is of the order of σ_B, so
+below this threshold training's output was β to within 0.1 γ (exactly β where the rows are identical). Its population
+variance is then ≈ 0, and the population formula divides x - μ by ≈ sqrt(ε): the running mean, an average over
+weights the optimizer has since moved, lags the current term, and γ / sqrt(ε) (≈ 300 γ at ε = 1e-5) turns that lag
+into a large, wrong activation. So such a channel is given an infinite variance: every normalization with population
+statistics (``F.batch_norm``, :meth:`SequenceBatchNorm.normalize_with`, the scale 0 and shift β of
+:meth:`SequenceBatchNorm.affine` that the fused paths fold into their steps) returns β for it, the function training
+computed, whatever the mean. This is the statistics' side, so it holds for any cause of a constant channel, on every
+implementation, for running averages and estimated statistics alike, with no new buffer; a channel with a larger
+variance is normalized exactly as before. (Not updating the running statistics at steps of zero batch variance would
+leave the mean as stale as it was; folding W_h h_0 into the bias would cure t = 0 of the recurrent term only.)
+"""
+
 
 class SequenceBatchNorm(nn.Module):
     r"""Per-time-step batch normalization of a ``(B, C)`` step or a whole ``(T, B, C)`` sequence.
@@ -213,7 +231,7 @@ class SequenceBatchNorm(nn.Module):
         flat = x.reshape(1, T * B, C)
         flat_mask = torch.ones(1, T * B, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(1, T * B)
         mean, var, valid = (_synced_statistics if syncing else _masked_statistics)(flat, flat_mask)  # (1, C), (1,)
-        pop_mean, pop_var = self.running_mean[:1], self.running_var[:1]
+        pop_mean, pop_var = self.population(0, 1)
         mean = torch.where(valid[:, None], mean, pop_mean)
         var = torch.where(valid[:, None], var, pop_var)
         y = self.normalize_with(x, mean.expand(T, -1), var.expand(T, -1))
@@ -254,17 +272,25 @@ class SequenceBatchNorm(nn.Module):
         return y, mean.detach().view(T, C), var.view(T, C)
 
     def population(self, start: int, T: int) -> tuple[Tensor, Tensor]:
-        """Population statistics for steps start … start+T-1, each step ≥ max_steps reusing step max_steps-1."""
+        """Population statistics for steps start … start+T-1, each step ≥ max_steps reusing step max_steps-1: the
+        mean and variance every normalization with population statistics uses ((T, C) each).
+
+        A channel whose variance is negligible against ε (below ``CONSTANT_VARIANCE * ε``) comes back with an
+        infinite variance, so that it is normalized to exactly β, as training normalized it (see
+        :data:`CONSTANT_VARIANCE`); every other channel is the buffers' value, untouched."""
         if self.shared_over_time:
-            return self.running_mean[:1].expand(T, -1), self.running_var[:1].expand(T, -1)
-        if start + T <= self.max_steps:
-            return self.running_mean[start : start + T], self.running_var[start : start + T]
-        idx = torch.arange(start, start + T, device=self.running_mean.device).clamp_(max=self.max_steps - 1)
-        return self.running_mean[idx], self.running_var[idx]
+            mean, var = self.running_mean[:1].expand(T, -1), self.running_var[:1].expand(T, -1)
+        elif start + T <= self.max_steps:
+            mean, var = self.running_mean[start : start + T], self.running_var[start : start + T]
+        else:
+            idx = torch.arange(start, start + T, device=self.running_mean.device).clamp_(max=self.max_steps - 1)
+            mean, var = self.running_mean[idx], self.running_var[idx]
+        return mean, var.masked_fill(var < CONSTANT_VARIANCE * self.eps, torch.inf)
 
     def affine(self, start: int, T: int) -> tuple[Tensor, Tensor]:
         """This site with population statistics as an affine map per step: BN_t(v) = v * scale_t + shift_t for
-        steps start … start+T-1; (T, C) each (the fast paths fold it into their steps)."""
+        steps start … start+T-1; (T, C) each (the fast paths fold it into their steps). A channel that was constant
+        over the batch in training (:meth:`population`) gets scale 0 and shift β."""
         mean, var = self.population(start, T)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
@@ -323,9 +349,14 @@ class SequenceBatchNorm(nn.Module):
         else:  # max(momentum, 1/n): the plain average until n = 1/momentum, the exponential average after
             rate = seen.to(dtype) * inverse_count.clamp(min=self.momentum)
         rate = rate[:, None]  # (T, 1)
-        # (1 - rate) * old + rate * new, not old + rate * (new - old): exact when rate == 1 (first batch after reset)
-        self.running_mean[rows] = self.running_mean[rows] * (1 - rate) + mean.to(self.running_mean.dtype) * rate
-        self.running_var[rows] = self.running_var[rows] * (1 - rate) + var.to(self.running_var.dtype) * rate
+        # (1 - rate) * old + rate * new, not old + rate * (new - old): exact when rate == 1 (first batch after reset).
+        # Steps not seen keep their value: what a masked batch passes for them is the population statistics, whose
+        # variance may be infinite (population()), and inf * 0 is NaN.
+        unseen = rate == 0
+        mean = torch.where(unseen, 0.0, mean.to(dtype))
+        var = torch.where(unseen, 0.0, var.to(dtype))
+        self.running_mean[rows] = self.running_mean[rows] * (1 - rate) + mean * rate
+        self.running_var[rows] = self.running_var[rows] * (1 - rate) + var * rate
 
     def fill_unseen_steps(self) -> None:
         """Give steps that no batch reached the statistics of the last step that one did (reuse T_max-1)."""
