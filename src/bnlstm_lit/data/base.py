@@ -138,11 +138,12 @@ class SequenceDataModule(L.LightningDataModule, ABC):
         trainer = self.trainer
         if trainer is None or trainer.world_size < 2:
             return loader
-        settings = trainer.distributed_sampler_kwargs
-        # Lightning 2.6 keeps the Trainer's use_distributed_sampler on its accelerator connector only
-        if settings is None or not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
-            return loader
         if isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
+            return loader  # shards itself (the stateful streams, the full-sequence protocol) or is sharded already
+        settings = getattr(trainer, "distributed_sampler_kwargs", None)
+        # Lightning 2.6 keeps the Trainer's use_distributed_sampler on its accelerator connector only
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if settings is None or not getattr(connector, "use_distributed_sampler", True):
             return loader
         if loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
             return loader
