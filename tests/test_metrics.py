@@ -194,3 +194,17 @@ def test_bpc_is_the_same_with_one_and_two_ddp_processes(tmp_path: Path) -> None:
         assert result["local_count"] == local
         assert result["count_after"] == local
         torch.testing.assert_close(result["value"], expected, rtol=1e-6, atol=0.0)
+
+
+def test_weighted_mean_weights_by_count_and_keeps_nan() -> None:
+    """Per-batch losses weighted by batch size: the mean over examples (torchmetrics' MeanMetric with
+    nan_strategy="disable" gave the unweighted 2.0 here), and a NaN loss shows in the value."""
+    from bnlstm_lit.metrics import WeightedMean
+
+    mean = WeightedMean()
+    mean.update(torch.tensor(1.0), 32)
+    mean.update(torch.tensor(3.0), torch.tensor(20))
+    assert mean.compute().item() == pytest.approx((32 * 1.0 + 20 * 3.0) / 52)
+    assert not WeightedMean().state_dict()  # nothing in checkpoints
+    mean.update(torch.tensor(float("nan")), 4)
+    assert math.isnan(mean.compute().item())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["BitsPerCharacter"]
+__all__ = ["BitsPerCharacter", "WeightedMean"]
 
 
 class BitsPerCharacter(Metric):
@@ -47,3 +47,31 @@ class BitsPerCharacter(Metric):
 
     def compute(self) -> Tensor:
         return (self.nats / self.count / math.log(2)).to(torch.float32)
+
+
+class WeightedMean(Metric):
+    """The mean of values weighted by counts (e.g. per-batch losses by batch size): ``sum(w v) / sum(w)``, both sums
+    float64 and summed across DDP processes, so uneven shares per process give the one-process value. NaN propagates
+    (a NaN loss must show). (torchmetrics' ``MeanMetric(nan_strategy="disable")`` drops the weights.)
+
+    ``update(value, weight)``: a scalar tensor and its weight (a number or scalar tensor).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    total: Tensor
+    weight: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
+        w = torch.as_tensor(weight, dtype=torch.float64, device=self.total.device)
+        self.total += value.detach().to(torch.float64).sum() * w
+        self.weight += w
+
+    def compute(self) -> Tensor:
+        return (self.total / self.weight).float()

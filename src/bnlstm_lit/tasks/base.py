@@ -27,9 +27,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from bnlstm_lit.console import info
+from bnlstm_lit.metrics import WeightedMean
 from bnlstm_lit.nn import BNLSTMSettings, batchnorm_sites, set_eval_statistics
 
 EvalStatistics = Literal["population", "batch"]
@@ -130,7 +131,7 @@ class BNLSTMTask(L.LightningModule):
         # the evaluation losses, weighted by batch size and summed over DDP ranks at the end of the epoch (Lightning's
         # sync_dist mean divides the summed batch count by the number of ranks in integers: wrong for the uneven
         # shares of an unpadded evaluation); NaN is kept, not dropped. No state in checkpoints.
-        self.eval_losses = torch.nn.ModuleDict({split: MeanMetric(nan_strategy="disable") for split in ("val", "test")})
+        self.eval_losses = torch.nn.ModuleDict({split: WeightedMean() for split in ("val", "test")})
 
     def use_rnn_settings(self, rnn: BNLSTMSettings | Mapping[str, Any]) -> BNLSTMSettings:
         """Keep a subclass's ``rnn`` argument as :attr:`rnn_settings`, and as a plain dict in ``hparams["rnn"]`` (a
@@ -157,7 +158,7 @@ class BNLSTMTask(L.LightningModule):
         training = split == "train"
         if split in self.eval_losses:  # weighted by batch size, exact under DDP (the metric objects sync themselves)
             mean = self.eval_losses[split]
-            assert isinstance(mean, MeanMetric)
+            assert isinstance(mean, WeightedMean)
             mean.update(loss.detach(), batch_size)
             self.log(f"{split}/{LOSS}", mean, on_step=False, on_epoch=True, prog_bar=True)
         else:
