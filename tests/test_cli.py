@@ -532,6 +532,7 @@ OVERLAYS: dict[str, tuple[tuple[str, ...], int, int]] = {
 }
 
 
+@pytest.mark.slow  # ~2 min: instantiates every overlay x config; tests/test_overlays.py checks the same parse fast
 def test_overlays_parse_with_the_configs_they_name(tmp_path: Path) -> None:
     """configs/overlays/*.yaml combine with the experiment configs they are written for (checked by --print_config)."""
     overlays = sorted((CONFIGS / "overlays").glob("*.yaml"))

@@ -161,7 +161,13 @@ def learnable_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("variant", ["lstm", "bnlstm", "bn_everywhere", "bn_e_star", "bn_e_star_star"])
+@pytest.mark.parametrize(
+    "variant",
+    # the default run keeps the LSTM, the BN-LSTM and the paper's best variant (BN-e**); the two intermediate ones
+    # (together about 160 s on 2 cores) run with -m slow
+    ["lstm", "bnlstm", pytest.param("bn_everywhere", marks=pytest.mark.slow),
+     pytest.param("bn_e_star", marks=pytest.mark.slow), "bn_e_star_star"],
+)  # fmt: skip
 def test_every_variant_learns_the_synthetic_rule_through_the_cli(
     variant: str, learnable_corpus: Path, tmp_path: Path
 ) -> None:
