@@ -358,7 +358,7 @@ def test_paper_randint_permutation_runs(request: pytest.FixtureRequest, tmp_path
     )
     permutation = cli.datamodule.permutation
     assert torch.equal(permutation, mnist_permutation("paper_randint"))
-    assert permutation.unique().numel() == 501  # drawn with replacement (SPEC §3)
+    assert permutation.unique().numel() == 501  # drawn with replacement (the original code's index vector)
     assert finite(cli.trainer.callback_metrics["val/loss"])
 
 

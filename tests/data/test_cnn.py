@@ -1,6 +1,6 @@
 """The CNN question corpus: the .question format, validation, the official test list, the archive, the cache, the
 entity shuffling, sentence selection, bucketing and batches. Corpora are written here in the exact file format (no
-real corpus offline); the 5 real questions of ../shared/data/cnn_sample/cnn_snippet.jtr.json are among them."""
+real corpus offline); the 5 real questions of the offline sample cnn_sample/cnn_snippet.jtr.json are among them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Character corpora (PTB characters, text8, plain text files): vocabulary, paper and stateful batches, test
-protocols, checks and downloads. Real data from ../shared/data (read-only); downloads go through file:// URLs."""
+protocols, checks and downloads. Real data from the offline data folder (read-only); downloads go through
+file:// URLs."""
 
 from __future__ import annotations
 

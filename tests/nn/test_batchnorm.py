@@ -1,4 +1,5 @@
-"""SequenceBatchNorm: per-time-step statistics, momentum, masks, eval statistics, errors (SPEC §1)."""
+"""SequenceBatchNorm: per-time-step statistics, momentum, masks, eval statistics, errors (Cooijmans et al.
+2017, eqs. 6-8)."""
 
 from __future__ import annotations
 

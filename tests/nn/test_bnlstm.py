@@ -1,4 +1,4 @@
-"""BNLSTM / BNLSTMCell: parity with torch.nn.LSTM, golden test against SPEC §1, init, masks, errors."""
+"""BNLSTM / BNLSTMCell: parity with torch.nn.LSTM, golden test against the paper's equations, init, masks, errors."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def _set_random_population(model: BNLSTM, seed: int = 0) -> None:
 
 
 def _reference(model: BNLSTM, x, state=None, lengths=None, mode: str = "train"):
-    """SPEC §1 written out step by step, independently of the implementation (reads only parameters and buffers).
+    """The paper's equations (Cooijmans et al. 2017, eqs. 6-8) written out step by step, independently of the
+    implementation (reads only parameters and buffers).
 
     x: (T, B, I). mode "train": per-step biased batch statistics over the real sequences (population statistics of
     that step where fewer than 2 are real); mode "population": running statistics, row min(t, max_steps - 1).
@@ -219,7 +220,7 @@ def test_plain_lstm_lengths_equal_packed_sequence(num_layers, batch_first):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the BN-LSTM equals a direct transcription of SPEC §1
+# the BN-LSTM equals a direct transcription of the paper's equations
 
 
 def _bn_model(num_layers=1, I=3, H=4, max_steps=8, seed=0, **kw):

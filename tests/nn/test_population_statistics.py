@@ -1,4 +1,5 @@
-"""estimate_population_statistics: the paper's protocol (plain average of per-step batch statistics, SPEC §1)."""
+"""estimate_population_statistics: the paper's protocol (plain average of per-step batch statistics,
+Cooijmans et al. 2017 §4)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _model(num_layers=1, max_steps=8, seed=0, **kw) -> BNLSTM:
 
 
 def _batch_statistics(model: BNLSTM, x: torch.Tensor) -> dict:
-    """Per-step batch mean and biased variance of every BN site's pre-activation, with the recurrence of SPEC §1 run
+    """Per-step batch mean and biased variance of every BN site's pre-activation, with the paper's recurrence run
     in training mode (batch statistics; no padding). Returns {(layer, site, t): (mean, var)}."""
     stats = {}
 
